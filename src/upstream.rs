@@ -1,0 +1,378 @@
+//! The frontend's client to the backend: timeouts, retries of idempotent calls with backoff,
+//! W3C propagation, one client span per attempt, and an honest error class for every failure.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use actix_web::http::{Method, StatusCode};
+use awc::error::{ConnectError, PayloadError, SendRequestError};
+use backon::{ExponentialBuilder, Retryable};
+use bytes_compat::Bytes;
+use tracing::Instrument;
+use url::Url;
+
+use crate::config::{Config, ResolveRule};
+use crate::metrics::{AttemptLabels, Metrics};
+use crate::server::POD_HEADER;
+use crate::telemetry;
+
+/// Re-exported through actix so we don't pin another `bytes`.
+mod bytes_compat {
+    pub use actix_web::web::Bytes;
+}
+
+/// Largest upstream body we read.
+const BODY_LIMIT: usize = 1024 * 1024;
+/// "Off" still needs a number for awc; an hour is unbounded for any request we make.
+const UNBOUNDED: Duration = Duration::from_secs(3600);
+
+/// The closed set of `error.type` values an attempt can end with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    ConnectionRefused,
+    ConnectFailed,
+    ConnectionReset,
+    ClosedBeforeResponse,
+    Timeout,
+    Http5xx,
+    BodyIncomplete,
+    DeadlineExceeded,
+}
+
+impl ErrorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::ConnectionRefused => "connection_refused",
+            ErrorType::ConnectFailed => "connect_failed",
+            ErrorType::ConnectionReset => "connection_reset",
+            ErrorType::ClosedBeforeResponse => "closed_before_response",
+            ErrorType::Timeout => "timeout",
+            ErrorType::Http5xx => "http_5xx",
+            ErrorType::BodyIncomplete => "body_incomplete",
+            ErrorType::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+
+    /// What the frontend answers: a gateway error, or a gateway timeout.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorType::Timeout | ErrorType::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamError {
+    pub kind: ErrorType,
+    pub detail: String,
+    /// The backend's status for `http_5xx`.
+    pub status: Option<u16>,
+}
+
+impl UpstreamError {
+    fn new(kind: ErrorType, detail: impl Into<String>) -> Self {
+        UpstreamError { kind, detail: detail.into(), status: None }
+    }
+
+    /// Transport failures and 502/503/504 may go to another pod; a plain 500 is the app's answer.
+    fn retryable(&self) -> bool {
+        match self.kind {
+            ErrorType::Http5xx => matches!(self.status, Some(502..=504)),
+            ErrorType::DeadlineExceeded => false,
+            _ => true,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+    /// The backend pod that answered (its `x-graceful-pod` header).
+    pub pod: Option<String>,
+}
+
+/// The outcome of a call with how many attempts it took.
+pub struct Outcome {
+    pub result: Result<UpstreamResponse, UpstreamError>,
+    pub attempts: usize,
+}
+
+impl Outcome {
+    pub fn retries(&self) -> usize {
+        self.attempts.saturating_sub(1)
+    }
+}
+
+/// One per worker (awc's client is not `Send`).
+pub struct Upstream {
+    client: awc::Client,
+    base: Url,
+    resolve: Vec<ResolveRule>,
+    cfg: crate::config::Upstream,
+    retry: bool,
+    timeouts: bool,
+    pod: String,
+}
+
+impl Upstream {
+    pub fn new(config: &Config, pod: &str) -> Self {
+        let u = &config.upstream;
+        let timeouts = config.features.timeouts;
+        let mut connector = awc::Connector::new();
+        let mut builder = awc::Client::builder().disable_redirects();
+        if timeouts {
+            // Idle time below the server's keep-alive: never reuse a connection the server is closing.
+            connector = connector.timeout(u.connect_timeout).conn_keep_alive(u.pool_idle);
+            builder = builder.timeout(u.attempt_timeout);
+        } else {
+            // The naive client: awc's 15 s pool idle outlives the server's 5 s keep-alive.
+            connector = connector.timeout(UNBOUNDED);
+            builder = builder.disable_timeout();
+        }
+        Upstream {
+            client: builder.connector(connector).finish(),
+            base: config.frontend.backend_url.clone(),
+            resolve: u.resolve.iter().filter_map(|r| ResolveRule::parse(r).ok()).collect(),
+            cfg: u.clone(),
+            retry: config.features.retry,
+            timeouts,
+            pod: pod.to_string(),
+        }
+    }
+
+    fn target(&self, path_and_query: &str) -> (Url, Option<SocketAddr>) {
+        let url = self.base.join(path_and_query).unwrap_or_else(|_| self.base.clone());
+        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addr = self.resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
+        (url, addr)
+    }
+
+    fn backoff(&self) -> ExponentialBuilder {
+        let mut b = ExponentialBuilder::default()
+            .with_min_delay(self.cfg.backoff_min)
+            .with_max_delay(self.cfg.backoff_max)
+            .with_max_times(self.cfg.max_attempts.saturating_sub(1))
+            .with_jitter();
+        if self.timeouts {
+            b = b.with_total_delay(Some(self.cfg.deadline));
+        }
+        b
+    }
+
+    /// Calls the backend. Only idempotent methods are retried, and only when `features.retry` is on.
+    pub async fn call(&self, method: Method, path_and_query: &str, body: Bytes, metrics: &Metrics) -> Outcome {
+        let attempts = Cell::new(0usize);
+        let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
+        let once = || async {
+            let n = attempts.get();
+            attempts.set(n + 1);
+            let res = self.attempt(&method, path_and_query, body.clone(), n).await;
+            let outcome = match &res {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.kind.as_str().to_string(),
+            };
+            metrics.upstream_attempts.get_or_create(&AttemptLabels { outcome }).inc();
+            res
+        };
+        let calls = async {
+            if self.retry && idempotent && self.cfg.max_attempts > 1 {
+                once.retry(self.backoff())
+                    .sleep(tokio::time::sleep)
+                    .when(UpstreamError::retryable)
+                    .notify(|e: &UpstreamError, wait: Duration| {
+                        metrics.retries.inc();
+                        tracing::info!(
+                            error.type = e.kind.as_str(),
+                            attempt = attempts.get(),
+                            backoff_ms = wait.as_millis() as u64,
+                            "retry"
+                        );
+                    })
+                    .await
+            } else {
+                once().await
+            }
+        };
+        let result = if self.timeouts {
+            match tokio::time::timeout(self.cfg.deadline, calls).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::new(
+                    ErrorType::DeadlineExceeded,
+                    format!("no answer within the {} deadline", humantime::format_duration(self.cfg.deadline)),
+                )),
+            }
+        } else {
+            calls.await
+        };
+        Outcome { result, attempts: attempts.get() }
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        body: Bytes,
+        resend: usize,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let (url, addr) = self.target(path_and_query);
+        let host = url.host_str().unwrap_or("").to_string();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let span = tracing::info_span!(
+            "upstream attempt",
+            otel.name = %format!("{method} {}", url.path()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            url.full = %url,
+            server.address = %host,
+            server.port = port,
+            network.peer.address = tracing::field::Empty,
+            http.request.resend_count = resend,
+            http.response.status_code = tracing::field::Empty,
+            graceful.peer.pod = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        if let Some(a) = addr {
+            span.record("network.peer.address", a.to_string());
+        }
+        let started = Instant::now();
+        let result = self.send(method, url, addr, body, &span).instrument(span.clone()).await;
+        span.record("duration_ms", started.elapsed().as_millis() as u64);
+        match &result {
+            Ok(resp) => {
+                span.record("http.response.status_code", resp.status.as_u16());
+                if let Some(pod) = &resp.pod {
+                    span.record("graceful.peer.pod", pod.as_str());
+                }
+            }
+            Err(e) => {
+                span.record("error.type", e.kind.as_str());
+                span.record("otel.status_code", "ERROR");
+                if let Some(s) = e.status {
+                    span.record("http.response.status_code", s);
+                }
+                tracing::warn!(parent: &span, error.type = e.kind.as_str(), detail = %e.detail, "upstream attempt failed");
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        url: Url,
+        addr: Option<SocketAddr>,
+        body: Bytes,
+        span: &tracing::Span,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut req = self.client.request(method.clone(), url.as_str()).insert_header((POD_HEADER, self.pod.as_str()));
+        if let Some(a) = addr {
+            req = req.address(a);
+        }
+        for (k, v) in telemetry::inject(span).0 {
+            req = req.insert_header((k, v));
+        }
+        let resp = req.send_body(body).await.map_err(classify_send)?;
+        let status = resp.status();
+        let pod = resp.headers().get(POD_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let expected: Option<usize> =
+            resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let body_timeout = if self.timeouts { self.cfg.attempt_timeout } else { UNBOUNDED };
+        let mut resp = resp.timeout(body_timeout);
+        let body = resp.body().limit(BODY_LIMIT).await.map_err(classify_payload)?;
+        // A FIN mid-body can come back as Ok with a short body.
+        if let Some(n) = expected {
+            if body.len() < n {
+                return Err(UpstreamError::new(
+                    ErrorType::BodyIncomplete,
+                    format!("got {} of {n} body bytes", body.len()),
+                ));
+            }
+        }
+        if status.is_server_error() {
+            return Err(UpstreamError {
+                kind: ErrorType::Http5xx,
+                detail: format!("backend answered {status}"),
+                status: Some(status.as_u16()),
+            });
+        }
+        Ok(UpstreamResponse { status, body, pod })
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+}
+
+/// Maps awc's errors onto the closed set (see NOTES: a server closing after reading the request
+/// surfaces as `Connect(Disconnected)`).
+pub fn classify_send(e: SendRequestError) -> UpstreamError {
+    let detail = e.to_string();
+    let kind = match &e {
+        SendRequestError::Connect(ConnectError::Io(io)) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            ErrorType::ConnectionRefused
+        }
+        SendRequestError::Connect(ConnectError::Io(io)) if is_reset(io) => ErrorType::ConnectionReset,
+        SendRequestError::Connect(ConnectError::Timeout) => ErrorType::Timeout,
+        SendRequestError::Connect(ConnectError::Disconnected) => ErrorType::ClosedBeforeResponse,
+        SendRequestError::Connect(_) => ErrorType::ConnectFailed,
+        SendRequestError::Send(io) if is_reset(io) => ErrorType::ConnectionReset,
+        SendRequestError::Send(_) => ErrorType::ClosedBeforeResponse,
+        SendRequestError::Response(actix_http::error::ParseError::Io(io)) if is_reset(io) => {
+            ErrorType::ConnectionReset
+        }
+        SendRequestError::Response(_) => ErrorType::ClosedBeforeResponse,
+        SendRequestError::Timeout => ErrorType::Timeout,
+        _ => ErrorType::ConnectFailed,
+    };
+    UpstreamError::new(kind, detail)
+}
+
+fn classify_payload(e: PayloadError) -> UpstreamError {
+    let detail = e.to_string();
+    let kind = match &e {
+        PayloadError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => ErrorType::Timeout,
+        PayloadError::Io(io) if is_reset(io) => ErrorType::ConnectionReset,
+        _ if detail.to_ascii_lowercase().contains("timeout") => ErrorType::Timeout,
+        _ => ErrorType::BodyIncomplete,
+    };
+    UpstreamError::new(kind, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_classes_map_to_honest_statuses() {
+        assert_eq!(ErrorType::ConnectionRefused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(ErrorType::ConnectionReset.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(ErrorType::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ErrorType::DeadlineExceeded.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn only_gateway_5xx_are_retryable() {
+        let e = |s| UpstreamError { kind: ErrorType::Http5xx, detail: String::new(), status: Some(s) };
+        assert!(e(502).retryable() && e(503).retryable() && e(504).retryable());
+        assert!(!e(500).retryable());
+        assert!(UpstreamError::new(ErrorType::ConnectionRefused, "").retryable());
+        assert!(!UpstreamError::new(ErrorType::DeadlineExceeded, "").retryable());
+    }
+
+    #[test]
+    fn classifies_refused_connect() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = classify_send(SendRequestError::Connect(ConnectError::Io(io)));
+        assert_eq!(e.kind, ErrorType::ConnectionRefused);
+        let e = classify_send(SendRequestError::Connect(ConnectError::Disconnected));
+        assert_eq!(e.kind, ErrorType::ClosedBeforeResponse);
+        assert_eq!(classify_send(SendRequestError::Timeout).kind, ErrorType::Timeout);
+    }
+}

@@ -1,0 +1,192 @@
+//! Shared helpers for black-box tests: spawn the real binary on loopback, talk raw HTTP/1.1.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_graceful");
+
+/// A running role, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `graceful <role>` on ephemeral loopback ports and waits (bounded) until it serves.
+pub fn spawn(role: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    spawn_with(Command::new(BIN), role, args, env)
+}
+
+/// Same, with a prepared command (e.g. a wrapper such as `unshare`).
+pub fn spawn_with(mut cmd: Command, role: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    cmd.arg(role)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("GRACEFUL_TELEMETRY__LOG_FORMAT", "json")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn graceful");
+    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("\"message\":\"serving\"") && line.contains("\"listen\"") {
+                let _ = tx.send(line.clone());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let err = child.stderr.take().unwrap();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(format!("stderr: {line}"));
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{role} did not start within 15 s; logs: {:#?}", logs.lock().unwrap());
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["listen"].as_str().unwrap().parse().unwrap();
+    let admin = v["admin"].as_str().unwrap().parse().unwrap();
+    Proc { child, addr, admin, logs }
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for exit, at most `bound`.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+}
+
+/// One request on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let mut s = connect(addr)?;
+    request(&mut s, "GET", path, "")
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<Response> {
+    let mut s = connect(addr)?;
+    request(&mut s, "POST", path, body)
+}
+
+pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    Ok(s)
+}
+
+/// Sends one request on `s` (keep-alive) and reads one response framed by Content-Length.
+pub fn request(s: &mut TcpStream, method: &str, path: &str, body: &str) -> std::io::Result<Response> {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut status_line = String::new();
+    if reader.read_line(&mut status_line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
+    }
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut headers = HashMap::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut buf = vec![0; len];
+    reader.read_exact(&mut buf)?;
+    Ok(Response { status, headers, body: String::from_utf8_lossy(&buf).into_owned() })
+}
+
+/// Polls `f` until it returns true or `bound` passes.
+pub fn eventually(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
