@@ -124,7 +124,8 @@ async fn game_over(ctx: Shared, state: web::Data<BackendState>, req: HttpRequest
         list.push(record.clone());
         list.len()
     };
-    HttpResponse::Ok().json(json!({"status": "recorded", "record": record, "count": count, "pod": ctx.identity.pod_name}))
+    HttpResponse::Ok()
+        .json(json!({"status": "recorded", "record": record, "count": count, "pod": ctx.identity.pod_name}))
 }
 
 async fn game_over_list(state: web::Data<BackendState>) -> HttpResponse {

@@ -329,11 +329,8 @@ fn describe_figment_error(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| {
             let path = e.path.join(".");
-            let source = e
-                .metadata
-                .as_ref()
-                .map(|m| describe_source(m, &path))
-                .unwrap_or_else(|| "unknown source".into());
+            let source =
+                e.metadata.as_ref().map(|m| describe_source(m, &path)).unwrap_or_else(|| "unknown source".into());
             let key = if path.is_empty() { "(top level)".to_string() } else { path };
             format!("key `{key}` from {source}: {}", e.kind)
         })
@@ -349,9 +346,10 @@ pub fn describe_source(meta: &Metadata, key: &str) -> String {
     if meta.name.contains("environment") {
         let var = OTEL_ENV
             .iter()
+            .rev()
             .filter(|(var, k)| *k == key && std::env::var(var).is_ok_and(|v| !v.is_empty()))
             .map(|(var, _)| *var)
-            .last()
+            .next()
             .unwrap_or("OTEL_*");
         return format!("environment variable {var}");
     }
@@ -412,6 +410,16 @@ fn validate(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
     let url = &c.frontend.backend_url;
     if url.scheme() != "http" || url.host_str().is_none() {
         return Err(invalid(fig, "frontend.backend_url", format!("`{url}` must be an http:// URL with a host")));
+    }
+    for (key, url) in [
+        ("telemetry.otlp_endpoint", &c.telemetry.otlp_endpoint),
+        ("telemetry.otlp_traces_endpoint", &c.telemetry.otlp_traces_endpoint),
+    ] {
+        if let Some(u) = url {
+            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                return Err(invalid(fig, key, format!("`{u}` must be an http:// or https:// URL with a host")));
+            }
+        }
     }
     for (i, entry) in c.upstream.resolve.iter().enumerate() {
         if let Err(e) = ResolveRule::parse(entry) {

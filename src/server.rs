@@ -68,7 +68,9 @@ impl Ctx {
 
     /// Records a lifecycle step as a log line and as an event on the lifecycle span.
     pub fn event(&self, name: &'static str, in_flight: Option<usize>) {
-        let since_sigterm = self.lifecycle.since_signal().map(|d| d.as_millis() as u64);
+        // i64: tracing-opentelemetry turns unsigned fields into strings.
+        let since_sigterm = self.lifecycle.since_signal().map(|d| d.as_millis() as i64);
+        let in_flight = in_flight.map(|n| n as i64);
         let phase = self.lifecycle.phase().as_str();
         let guard = self.lifecycle_span.lock().unwrap();
         let parent = guard.as_ref().cloned().unwrap_or_else(Span::none);
@@ -139,7 +141,7 @@ async fn lifecycle_middleware(
     if let Some(span) = &span {
         span.record("graceful.shutdown.phase_end", phase_end.as_str());
         if let Some(since) = ctx.lifecycle.since_signal() {
-            span.record("graceful.ms_since_sigterm", since.as_millis() as u64);
+            span.record("graceful.ms_since_sigterm", since.as_millis() as i64);
         }
     }
     let mut res = result?;
@@ -381,7 +383,7 @@ fn second_signal(ctx: &Ctx, code: u8) -> ExitCode {
 /// marked, so the trace shows what died and why.
 async fn naive_exit(ctx: &Ctx, public: &ServerHandle, admin: &ServerHandle, code: u8) -> ExitCode {
     let spans = ctx.lifecycle.take_in_flight_spans();
-    let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as u64).unwrap_or(0);
+    let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
     for span in &spans {
         span.record("graceful.dropped", true);
         span.record("error.type", "dropped_by_exit");

@@ -278,14 +278,23 @@ impl RootSpanBuilder for RequestSpan {
         span: Span,
         outcome: &Result<ServiceResponse<B>, actix_web::Error>,
     ) {
-        if let Ok(res) = outcome {
-            let status = res.status();
-            span.record("http.response.status_code", status.as_u16());
-            if status.is_server_error() {
-                span.set_status(opentelemetry::trace::Status::error(format!("HTTP {}", status.as_u16())));
+        // The default marks every response without an actix error "OK", a 502 included, and OTel
+        // makes OK final; so plain responses are marked here and only actix errors go to it.
+        match outcome {
+            Ok(res) if res.response().error().is_none() => {
+                let code = i64::from(res.status().as_u16());
+                span.record("http.status_code", code);
+                span.record("http.response.status_code", code);
+                let failed = res.status().is_server_error();
+                span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
+            }
+            _ => {
+                if let Ok(res) = outcome {
+                    span.record("http.response.status_code", i64::from(res.status().as_u16()));
+                }
+                DefaultRootSpanBuilder::on_request_end(span, outcome);
             }
         }
-        DefaultRootSpanBuilder::on_request_end(span, outcome);
     }
 }
 
@@ -296,10 +305,7 @@ mod tests {
     #[test]
     fn resource_attributes_parse_like_the_spec() {
         let got = parse_resource_attributes("deployment.environment=lab, team=sre%20core,=x,bad");
-        assert_eq!(
-            got,
-            vec![("deployment.environment".into(), "lab".into()), ("team".into(), "sre core".into())]
-        );
+        assert_eq!(got, vec![("deployment.environment".into(), "lab".into()), ("team".into(), "sre core".into())]);
     }
 
     #[test]

@@ -187,8 +187,8 @@ impl Upstream {
                         metrics.retries.inc();
                         tracing::info!(
                             error.type = e.kind.as_str(),
-                            attempt = attempts.get(),
-                            backoff_ms = wait.as_millis() as u64,
+                            attempt = attempts.get() as i64,
+                            backoff_ms = wait.as_millis() as i64,
                             "retry"
                         );
                     })
@@ -229,9 +229,9 @@ impl Upstream {
             http.request.method = %method,
             url.full = %url,
             server.address = %host,
-            server.port = port,
+            server.port = i64::from(port),
             network.peer.address = tracing::field::Empty,
-            http.request.resend_count = resend,
+            http.request.resend_count = resend as i64,
             http.response.status_code = tracing::field::Empty,
             graceful.peer.pod = tracing::field::Empty,
             error.type = tracing::field::Empty,
@@ -242,10 +242,10 @@ impl Upstream {
         }
         let started = Instant::now();
         let result = self.send(method, url, addr, body, &span).instrument(span.clone()).await;
-        span.record("duration_ms", started.elapsed().as_millis() as u64);
+        span.record("duration_ms", started.elapsed().as_millis() as i64);
         match &result {
             Ok(resp) => {
-                span.record("http.response.status_code", resp.status.as_u16());
+                span.record("http.response.status_code", i64::from(resp.status.as_u16()));
                 if let Some(pod) = &resp.pod {
                     span.record("graceful.peer.pod", pod.as_str());
                 }
@@ -254,7 +254,7 @@ impl Upstream {
                 span.record("error.type", e.kind.as_str());
                 span.record("otel.status_code", "ERROR");
                 if let Some(s) = e.status {
-                    span.record("http.response.status_code", s);
+                    span.record("http.response.status_code", i64::from(s));
                 }
                 tracing::warn!(parent: &span, error.type = e.kind.as_str(), detail = %e.detail, "upstream attempt failed");
             }
@@ -324,9 +324,7 @@ pub fn classify_send(e: SendRequestError) -> UpstreamError {
         SendRequestError::Connect(_) => ErrorType::ConnectFailed,
         SendRequestError::Send(io) if is_reset(io) => ErrorType::ConnectionReset,
         SendRequestError::Send(_) => ErrorType::ClosedBeforeResponse,
-        SendRequestError::Response(actix_http::error::ParseError::Io(io)) if is_reset(io) => {
-            ErrorType::ConnectionReset
-        }
+        SendRequestError::Response(actix_http::error::ParseError::Io(io)) if is_reset(io) => ErrorType::ConnectionReset,
         SendRequestError::Response(_) => ErrorType::ClosedBeforeResponse,
         SendRequestError::Timeout => ErrorType::Timeout,
         _ => ErrorType::ConnectFailed,

@@ -1,0 +1,197 @@
+//! Traces from the real binaries into a real OTLP/HTTP receiver (the official protobuf messages).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use graceful::otlp_receiver::{OtlpReceiver, SpanRecord, KIND_CLIENT, KIND_SERVER};
+
+fn receiver() -> OtlpReceiver {
+    OtlpReceiver::start("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+fn traced(rx: &OtlpReceiver, pod: &'static str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint()),
+        ("POD_NAME", pod.to_string()),
+        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test".to_string()),
+    ]
+}
+
+fn spawn_traced(role: &str, args: &[&str], env: &[(&'static str, String)]) -> Proc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    spawn(role, args, &env)
+}
+
+fn by_name<'a>(spans: &'a [SpanRecord], service: &str, kind: i32) -> Vec<&'a SpanRecord> {
+    spans.iter().filter(|s| s.service_name == service && s.kind == kind).collect()
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+#[test]
+fn one_request_is_one_trace_across_both_hops_continuing_the_callers_trace() {
+    let rx = receiver();
+    let mut backend = spawn_traced("backend", &["--drain-delay", "0s"], &traced(&rx, "backend-1"));
+    let backend_url = format!("http://{}", backend.addr);
+    let mut frontend =
+        spawn_traced("frontend", &["--backend-url", &backend_url, "--drain-delay", "0s"], &traced(&rx, "frontend-1"));
+
+    let mut s = connect(frontend.addr).unwrap();
+    let req = format!(
+        "GET /api/data?work_ms=5 HTTP/1.1\r\nHost: t\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\nContent-Length: 0\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("x-trace-id: {TRACE}")), "trace id header: {head}");
+    assert!(head.contains(&format!("\"trace_id\":\"{TRACE}\"")), "trace id in body: {head}");
+    drop(s);
+
+    let spans = rx.wait_until(Duration::from_secs(10), |s| s.iter().filter(|s| s.trace_id == TRACE).count() >= 3);
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == TRACE).cloned().collect();
+    let f_server = by_name(&ours, "graceful-frontend", KIND_SERVER);
+    let f_client = by_name(&ours, "graceful-frontend", KIND_CLIENT);
+    let b_server = by_name(&ours, "graceful-backend", KIND_SERVER);
+    assert_eq!((f_server.len(), f_client.len(), b_server.len()), (1, 1, 1), "{ours:#?}");
+    let (fs, fc, bs) = (f_server[0], f_client[0], b_server[0]);
+    assert_eq!(fs.parent_span_id, PARENT, "the caller's traceparent is continued");
+    assert_eq!(fc.parent_span_id, fs.span_id, "attempt span is a child of the server span");
+    assert_eq!(bs.parent_span_id, fc.span_id, "backend server span is a child of the attempt");
+    assert_eq!(fs.attr_str("http.route"), Some("/api/data"));
+    assert_eq!(fs.attr_i64("http.response.status_code"), Some(200));
+    assert_eq!(fs.attr_str("graceful.shutdown.phase"), Some("serving"));
+    assert_eq!(fc.attr_str("graceful.peer.pod"), Some("backend-1"));
+    assert_eq!(fc.attr_i64("http.request.resend_count"), Some(0));
+    assert_eq!(bs.resource.get("k8s.pod.name").and_then(|v| v.as_str()), Some("backend-1"));
+    assert_eq!(bs.resource.get("deployment.environment").and_then(|v| v.as_str()), Some("test"));
+    assert_eq!(bs.resource.get("graceful.features.graceful").and_then(|v| v.as_bool()), Some(true));
+    assert!(bs.resource.contains_key("service.instance.id") && bs.resource.contains_key("service.version"));
+
+    frontend.signal(libc::SIGTERM);
+    backend.signal(libc::SIGTERM);
+    assert!(frontend.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(backend.wait_exit(Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn nothing_is_lost_at_a_clean_stop() {
+    let rx = receiver();
+    let mut backend = spawn_traced("backend", &["--drain-delay", "0s"], &traced(&rx, "backend-n"));
+    const N: usize = 40;
+    for _ in 0..N {
+        assert_eq!(get(backend.addr, "/api/data?work_ms=0").unwrap().status, 200);
+    }
+    // Stop at once: the batch exporter still holds most of these spans.
+    let t0 = Instant::now();
+    backend.signal(libc::SIGTERM);
+    let status = backend.wait_exit(Duration::from_secs(5)).expect("exit with the exporter configured is bounded");
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(3), "flush at exit must not hang: {:?}", t0.elapsed());
+    let spans = rx.wait_until(Duration::from_secs(3), |s| s.iter().filter(|s| s.kind == KIND_SERVER).count() >= N);
+    let traces: HashSet<_> = spans
+        .iter()
+        .filter(|s| s.kind == KIND_SERVER && s.attr_str("http.route") == Some("/api/data"))
+        .map(|s| &s.trace_id)
+        .collect();
+    assert_eq!(traces.len(), N, "every request's trace arrived");
+    let lifecycle: Vec<_> = spans.iter().filter(|s| s.name == "lifecycle").collect();
+    assert_eq!(lifecycle.len(), 1, "the lifecycle span is flushed too");
+}
+
+#[test]
+fn lifecycle_events_come_in_order() {
+    let rx = receiver();
+    let mut backend = spawn_traced("backend", &["--drain-delay", "300ms"], &traced(&rx, "backend-l"));
+    let addr = backend.addr;
+    let slow = std::thread::spawn(move || get(addr, "/api/data?work_ms=600"));
+    std::thread::sleep(Duration::from_millis(100));
+    backend.signal(libc::SIGTERM);
+    assert_eq!(backend.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(0));
+    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    let spans = rx.wait_until(Duration::from_secs(3), |s| s.iter().any(|s| s.name == "lifecycle"));
+    let life = spans.iter().find(|s| s.name == "lifecycle").expect("lifecycle span");
+    let names: Vec<&str> = life.events.iter().map(|e| e.name.as_str()).collect();
+    let expected = ["serving", "sigterm_received", "readiness_failing", "listener_closed", "drained", "exit"];
+    assert_eq!(names, expected, "{:#?}", life.events);
+    let times: Vec<u64> = life.events.iter().map(|e| e.time_unix_nanos).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let sigterm_in_flight = life.events[1].attributes.get("in_flight").and_then(|v| v.as_i64());
+    assert_eq!(sigterm_in_flight, Some(1));
+    // The slow request's span knows it started serving and ended during the shutdown.
+    let req = spans.iter().find(|s| s.kind == KIND_SERVER && s.attr_str("http.route") == Some("/api/data")).unwrap();
+    assert_eq!(req.attr_str("graceful.shutdown.phase"), Some("serving"));
+    assert_eq!(req.attr_str("graceful.shutdown.phase_end"), Some("stopping"));
+    assert!(req.attr_i64("graceful.ms_since_sigterm").unwrap() >= 300);
+}
+
+#[test]
+fn a_request_dropped_by_a_naive_exit_is_marked_on_both_hops() {
+    let rx = receiver();
+    let mut backend = spawn_traced("backend", &["--graceful=false"], &traced(&rx, "backend-naive"));
+    let backend_url = format!("http://{}", backend.addr);
+    let frontend =
+        spawn_traced("frontend", &["--backend-url", &backend_url, "--retry=false"], &traced(&rx, "frontend-d"));
+    let faddr = frontend.addr;
+    let call = std::thread::spawn(move || get(faddr, "/api/data?work_ms=3000"));
+    std::thread::sleep(Duration::from_millis(300));
+    backend.signal(libc::SIGTERM);
+    assert_eq!(backend.wait_exit(Duration::from_secs(2)).unwrap().code(), Some(143));
+    let r = call.join().unwrap().unwrap();
+    assert_eq!(r.status, 502, "{}", r.body);
+    let v = r.json();
+    let tid = v["trace_id"].as_str().unwrap().to_string();
+    assert_eq!(tid.len(), 32, "failed responses carry the trace id: {v}");
+    assert_eq!(r.header("x-trace-id"), Some(tid.as_str()));
+
+    let spans = rx.wait_until(Duration::from_secs(8), |s| s.iter().filter(|s| s.trace_id == tid).count() >= 3);
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == tid).cloned().collect();
+    let dropped = by_name(&ours, "graceful-backend", KIND_SERVER);
+    assert_eq!(dropped.len(), 1, "the dropped request's span was flushed before exit: {ours:#?}");
+    let d = dropped[0];
+    assert_eq!(d.attr("graceful.dropped"), Some(&serde_json::json!(true)));
+    assert!(d.status_error);
+    assert!(d.attr_i64("graceful.ms_since_sigterm").is_some());
+    let attempt = by_name(&ours, "graceful-frontend", KIND_CLIENT);
+    assert_eq!(attempt.len(), 1);
+    let et = attempt[0].attr_str("error.type").unwrap();
+    assert!(["closed_before_response", "connection_reset"].contains(&et), "error.type {et}");
+    let fs = by_name(&ours, "graceful-frontend", KIND_SERVER);
+    assert!(fs[0].status_error, "a 502 marks the server span as an error");
+    assert_eq!(fs[0].attr_str("error.type"), Some(et));
+}
+
+#[test]
+fn no_endpoint_means_no_exporter_and_no_trace_ids() {
+    let backend = spawn("backend", &[], &[]);
+    let r = get(backend.addr, "/api/data?work_ms=1").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-trace-id").is_none());
+    assert!(!backend.log_text().to_lowercase().contains("otlp"), "no exporter noise: {}", backend.log_text());
+}
+
+#[test]
+fn logs_are_json_lines_carrying_the_trace_id() {
+    let rx = receiver();
+    let backend = spawn_traced("backend", &[], &traced(&rx, "backend-log"));
+    let frontend = spawn_traced(
+        "frontend",
+        &["--backend-url", &format!("http://127.0.0.1:{}", 1), "--retry=false"],
+        &traced(&rx, "frontend-log"),
+    );
+    let r = get(frontend.addr, "/api/data").unwrap();
+    assert_eq!(r.status, 502);
+    let tid = r.json()["trace_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(2), || frontend.log_text().contains(&tid)));
+    let line =
+        frontend.log_text().lines().find(|l| l.contains(&tid) && l.contains("backend call failed")).map(str::to_string);
+    let line = line.expect("the failure is logged with its trace id");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["span"]["trace_id"], tid.as_str());
+    drop(backend);
+}
