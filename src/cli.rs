@@ -48,7 +48,7 @@ pub enum Command {
     /// Print the effective configuration and where each value came from.
     Config(ConfigArgs),
     /// Play Kubernetes' termination race on this machine: problem vs solution under load.
-    Lab(crate::lab::LabArgs),
+    Lab(Box<crate::lab::LabArgs>),
 }
 
 /// `--graceful`, `--retry`, `--timeouts`: `=true|false`, bare means true.

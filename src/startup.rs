@@ -22,7 +22,7 @@ pub fn main() -> ExitCode {
     };
     if role == "lab" {
         let Command::Lab(args) = cli.command else { unreachable!() };
-        return match lab::run(args, file) {
+        return match lab::run(*args, file) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("graceful lab: {e:#}");
