@@ -81,7 +81,18 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             let _ = PROVIDER.set(provider);
-            Some(tracing_opentelemetry::layer().with_tracer(tracer).with_error_records_to_exceptions(true))
+            // Per-span extras (code location, thread, busy/idle timers, level, target) cost time on
+            // every request and say nothing about where a request died.
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_error_records_to_exceptions(true)
+                    .with_location(false)
+                    .with_threads(false)
+                    .with_tracked_inactivity(false)
+                    .with_level(false)
+                    .with_target(false),
+            )
         }
         None => None,
     };
