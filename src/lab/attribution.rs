@@ -1,0 +1,471 @@
+//! Explains every failed request: on which hop it broke (client→frontend or frontend→backend),
+//! on which pod, in which shutdown phase, how long after that pod's SIGTERM.
+//!
+//! First from the pods' own spans (joined by the trace id the load generator sent). Where a
+//! pod left no span — a connection the Service proxy could not deliver, a pod killed before it
+//! exported — the lab's own records stand in as the caller's client span: which endpoint the
+//! proxy picked for that very socket, and the pod timeline the kubelet kept.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::cluster::{ms, Clock, Pod};
+use super::load::{Outcome, RequestRecord};
+use super::service_proxy::{ConnRecord, End, Outcome as ProxyOutcome, BLACKHOLE_HOLD};
+use crate::otlp_receiver::{SpanRecord, KIND_CLIENT, KIND_SERVER};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The failing pod's own span says it.
+    Spans,
+    /// The caller's span names the failure; the lab's proxy or pod records name the pod.
+    SpansAndLab,
+    /// No span: the lab's client and proxy records alone.
+    Lab,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attribution {
+    pub request: u64,
+    pub trace_id: String,
+    /// `client→frontend` or `frontend→backend` (deployment names).
+    pub hop: String,
+    pub pod: String,
+    pub deployment: String,
+    /// The pod's shutdown phase: from its span (`serving`, `draining`, `stopping`) or the lab's
+    /// timeline (`serving`, `prestop`, `after-sigterm`, `exited`).
+    pub phase: String,
+    pub ms_after_sigterm: Option<f64>,
+    /// `error.type` from the caller's span, else the client's outcome class.
+    pub cause: String,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Unexplained {
+    pub request: u64,
+    pub trace_id: String,
+    pub outcome: String,
+    pub why: String,
+    /// The trace's spans, one line each, to look at by hand.
+    pub spans: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub failed: usize,
+    pub attributed: usize,
+    pub from_spans: usize,
+    pub items: Vec<Attribution>,
+    pub unexplained: Vec<Unexplained>,
+}
+
+/// A Service proxy's records with the Service it belongs to.
+pub struct ProxyRecords<'a> {
+    pub service: &'a str,
+    pub records: Vec<ConnRecord>,
+}
+
+pub struct Inputs<'a> {
+    pub clock: &'a Clock,
+    pub requests: &'a [RequestRecord],
+    pub spans: &'a [SpanRecord],
+    pub pods: &'a [Pod],
+    /// The Service the load goes through.
+    pub entry: ProxyRecords<'a>,
+    /// The other Services (frontend → backend hops).
+    pub inner: Vec<ProxyRecords<'a>>,
+}
+
+fn span_pod(s: &SpanRecord) -> Option<&str> {
+    s.resource.get("k8s.pod.name").and_then(|v| v.as_str()).filter(|p| !p.is_empty())
+}
+
+fn attr_f64(s: &SpanRecord, key: &str) -> Option<f64> {
+    s.attributes.get(key).and_then(|v| v.as_f64())
+}
+
+fn attr_bool(s: &SpanRecord, key: &str) -> bool {
+    s.attributes.get(key).is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"))
+}
+
+pub fn attribute(inp: &Inputs) -> Report {
+    let pods: HashMap<&str, &Pod> = inp.pods.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mut by_trace: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
+    for s in inp.spans {
+        by_trace.entry(s.trace_id.as_str()).or_default().push(s);
+    }
+    let mut used: HashSet<(usize, usize)> = HashSet::new();
+    let mut report = Report::default();
+    for r in inp.requests.iter().filter(|r| !r.outcome.is_ok()) {
+        report.failed += 1;
+        let spans = by_trace.get(r.trace_id.as_str()).cloned().unwrap_or_default();
+        match explain(inp, r, &spans, &pods, &mut used) {
+            Ok(a) => {
+                report.attributed += 1;
+                if a.source != Source::Lab {
+                    report.from_spans += 1;
+                }
+                report.items.push(a);
+            }
+            Err(why) => report.unexplained.push(Unexplained {
+                request: r.id,
+                trace_id: r.trace_id.clone(),
+                outcome: r.outcome.class(),
+                why,
+                spans: spans.iter().map(|s| describe_span(s, inp.clock)).collect(),
+            }),
+        }
+    }
+    report
+}
+
+fn describe_span(s: &SpanRecord, clock: &Clock) -> String {
+    format!(
+        "{} {} kind={} pod={} {:.1}..{:.1} ms error={} attrs={}",
+        s.service_name,
+        s.name,
+        s.kind,
+        span_pod(s).unwrap_or("?"),
+        clock.unix_nanos_to_ms(s.start_unix_nanos),
+        clock.unix_nanos_to_ms(s.end_unix_nanos),
+        s.status_error,
+        serde_json::to_string(&s.attributes).unwrap_or_default()
+    )
+}
+
+/// The pod's phase and ms after its SIGTERM at run time `t`, from the lab's timeline.
+fn lab_phase(pods: &HashMap<&str, &Pod>, pod: &str, t: Duration) -> (String, Option<f64>) {
+    match pods.get(pod) {
+        Some(p) => (p.phase_at(t).to_string(), p.sigterm.map(|s| ms(t) - ms(s))),
+        None => ("unknown".into(), None),
+    }
+}
+
+fn deployment_of(pods: &HashMap<&str, &Pod>, pod: &str) -> String {
+    pods.get(pod).map(|p| p.deployment.clone()).unwrap_or_else(|| "?".into())
+}
+
+/// Phase and ms after SIGTERM as the pod's own server span recorded them; when the span has no
+/// SIGTERM offset, the lab's timeline gives it (span end vs. the pod's SIGTERM).
+fn span_phase_at(s: &SpanRecord, pods: &HashMap<&str, &Pod>, clock: &Clock) -> (String, Option<f64>) {
+    let (phase, msig) = span_phase(s);
+    let msig = msig.or_else(|| {
+        let pod = pods.get(span_pod(s)?)?;
+        Some(clock.unix_nanos_to_ms(s.end_unix_nanos) - ms(pod.sigterm?))
+    });
+    (phase, msig)
+}
+
+fn span_phase(s: &SpanRecord) -> (String, Option<f64>) {
+    let mut phase = s.attr_str("graceful.shutdown.phase").unwrap_or("unknown").to_string();
+    if let Some(end) = s.attr_str("graceful.shutdown.phase_end") {
+        if end != phase {
+            phase = format!("{phase}→{end}");
+        }
+    }
+    if attr_bool(s, "graceful.dropped") {
+        phase.push_str(" (dropped at exit)");
+    }
+    (phase, attr_f64(s, "graceful.ms_since_sigterm"))
+}
+
+fn explain(
+    inp: &Inputs,
+    r: &RequestRecord,
+    spans: &[&SpanRecord],
+    pods: &HashMap<&str, &Pod>,
+    used: &mut HashSet<(usize, usize)>,
+) -> Result<Attribution, String> {
+    let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    // The frontend's server span is the one whose parent is the load generator's (unexported) span.
+    let fe_server = spans.iter().find(|s| s.kind == KIND_SERVER && !ids.contains(s.parent_span_id.as_str()));
+    let end_of_request = r.start + r.latency;
+    let base = |hop: String, pod: &str, phase: String, ms: Option<f64>, cause: String, source: Source| Attribution {
+        request: r.id,
+        trace_id: r.trace_id.clone(),
+        hop,
+        pod: pod.to_string(),
+        deployment: deployment_of(pods, pod),
+        phase,
+        ms_after_sigterm: ms,
+        cause,
+        source,
+    };
+    let fe_pod_name =
+        fe_server.and_then(|s| span_pod(s)).map(str::to_string).or_else(|| r.frontend_pod.clone()).or_else(|| {
+            r.local.and_then(|l| lookup(&inp.entry.records, l, end_of_request)).and_then(|c| c.pod.clone())
+        });
+    let fe_deploy = fe_pod_name.as_deref().map(|p| deployment_of(pods, p)).unwrap_or_else(|| "frontend".into());
+
+    // 1. The frontend answered with an error: look one hop further.
+    let frontend_answered = matches!(r.outcome, Outcome::Http(_) | Outcome::BadBody) && r.status.is_some();
+    if frontend_answered {
+        let mut attempts: Vec<&&SpanRecord> = spans
+            .iter()
+            .filter(|s| s.kind == KIND_CLIENT && (s.attr_str("error.type").is_some() || s.status_error))
+            .collect();
+        attempts.sort_by_key(|s| s.start_unix_nanos);
+        if let Some(attempt) = attempts.last() {
+            let cause = attempt.attr_str("error.type").unwrap_or("error").to_string();
+            let attempt_end = inp.clock.unix_nanos_to_ms(attempt.end_unix_nanos);
+            let attempt_start = inp.clock.unix_nanos_to_ms(attempt.start_unix_nanos);
+            let be_server = spans.iter().find(|s| s.kind == KIND_SERVER && s.parent_span_id == attempt.span_id);
+            if let Some(be) = be_server.filter(|s| span_pod(s).is_some()) {
+                let pod = span_pod(be).unwrap_or_default();
+                let (phase, msig) = span_phase_at(be, pods, inp.clock);
+                let hop = format!("{fe_deploy}→{}", deployment_of(pods, pod));
+                return Ok(base(hop, pod, phase, msig, cause, Source::Spans));
+            }
+            if let Some(peer) = attempt.attr_str("graceful.peer.pod").filter(|p| !p.is_empty()) {
+                let (phase, msig) = lab_phase(pods, peer, dur_ms(attempt_end));
+                let hop = format!("{fe_deploy}→{}", deployment_of(pods, peer));
+                return Ok(base(hop, peer, phase, msig, cause, Source::SpansAndLab));
+            }
+            let local = attempt
+                .attr_str("network.local.address")
+                .zip(attempt.attr_i64("network.local.port"))
+                .and_then(|(a, p)| format!("{a}:{p}").parse().ok());
+            let a = Attempt { start_ms: attempt_start, end_ms: attempt_end, cause: cause.clone(), local };
+            if let Some((pod, at, note)) = join_inner(inp, &a, used) {
+                let (phase, msig) = lab_phase(pods, &pod, at);
+                let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
+                return Ok(base(hop, &pod, format!("{phase}{note}"), msig, cause, Source::SpansAndLab));
+            }
+            return Err(format!("the frontend's attempt failed with {cause} but no backend pod could be matched"));
+        }
+        if let Some(fe) = fe_server {
+            // The frontend failed on its own (e.g. 503 while draining): first hop.
+            let pod = span_pod(fe).unwrap_or_default();
+            let (phase, msig) = span_phase_at(fe, pods, inp.clock);
+            return Ok(base(format!("client→{fe_deploy}"), pod, phase, msig, r.outcome.class(), Source::Spans));
+        }
+        // No spans at all: the lab's proxies alone.
+        let (s, e) = (ms(r.start), ms(end_of_request));
+        let a = Attempt { start_ms: s, end_ms: e, cause: r.error.clone().unwrap_or_default(), local: None };
+        if let Some((pod, at, note)) = join_inner(inp, &a, used) {
+            let (phase, msig) = lab_phase(pods, &pod, at);
+            let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
+            let cause = r.error.clone().unwrap_or_else(|| r.outcome.class());
+            return Ok(base(hop, &pod, format!("{phase}{note}"), msig, cause, Source::Lab));
+        }
+        return Err("HTTP error without spans or a matching proxy record".into());
+    }
+
+    // 2. The client's own hop broke (refused, reset, closed, timeout, short body).
+    if let Some(fe) = fe_server.filter(|s| span_pod(s).is_some()) {
+        let pod = span_pod(fe).unwrap_or_default();
+        let (phase, msig) = span_phase_at(fe, pods, inp.clock);
+        return Ok(base(format!("client→{fe_deploy}"), pod, phase, msig, r.outcome.class(), Source::Spans));
+    }
+    let conn = r.local.and_then(|l| lookup(&inp.entry.records, l, end_of_request));
+    match conn {
+        Some(c) => match &c.pod {
+            Some(pod) => {
+                let at = failure_time(&c, end_of_request);
+                let (mut phase, msig) = lab_phase(pods, pod, at);
+                if c.outcome == ProxyOutcome::Blackholed {
+                    phase = format!("{phase} (pod gone: no address)");
+                }
+                Ok(base(
+                    format!("client→{}", deployment_of(pods, pod)),
+                    pod,
+                    phase,
+                    msig,
+                    r.outcome.class(),
+                    Source::Lab,
+                ))
+            }
+            None => Ok(base(
+                format!("client→{fe_deploy}"),
+                "(no endpoint)",
+                "none ready".into(),
+                None,
+                r.outcome.class(),
+                Source::Lab,
+            )),
+        },
+        None => Err(match r.outcome {
+            Outcome::Overload => "the load generator had too many requests in flight".into(),
+            _ => "no span and no proxy record for this request's connection".into(),
+        }),
+    }
+}
+
+fn dur_ms(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0) / 1000.0)
+}
+
+/// When the request met the pod: the proxy's attempt for a connection it could not deliver,
+/// the pod's close or reset for one it had delivered, else the request's end.
+fn failure_time(c: &ConnRecord, end_of_request: Duration) -> Duration {
+    match (c.outcome, c.end) {
+        (ProxyOutcome::Refused | ProxyOutcome::NoEndpoints | ProxyOutcome::Blackholed, _) => c.accepted,
+        (_, Some((t, End::PodClosed | End::PodReset))) if t <= end_of_request => t,
+        _ => end_of_request.max(c.accepted),
+    }
+}
+
+/// The connection a client socket had open when a request on it ended: a socket carries one
+/// connection at a time, so the latest one accepted before then.
+fn lookup(records: &[ConnRecord], client: std::net::SocketAddr, until: Duration) -> Option<ConnRecord> {
+    records.iter().rev().find(|r| r.client == client && r.accepted <= until).cloned()
+}
+
+/// Matches a failed frontend→backend attempt (run-time window in ms) with what the inner
+/// Service proxies saw. Each proxy record explains one failure at most.
+/// - With the caller's local socket (`network.local.address`/`.port` on its span): the very
+///   connection, exactly.
+/// - Else by time: a connection refused or blackholed during the attempt, or closed / reset by
+///   the pod during it.
+/// - Else a connection the pod had closed before the attempt: the caller reused a stale pooled
+///   connection (the most recent such close is taken).
+fn join_inner(
+    inp: &Inputs,
+    attempt: &Attempt,
+    used: &mut HashSet<(usize, usize)>,
+) -> Option<(String, Duration, &'static str)> {
+    let slack = 5.0;
+    if let Some(local) = attempt.local {
+        for (pi, proxy) in inp.inner.iter().enumerate() {
+            let found = proxy
+                .records
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, r)| r.client == local && ms(r.accepted) <= attempt.end_ms + slack);
+            if let Some((ri, rec)) = found {
+                let pod = rec.pod.clone()?;
+                used.insert((pi, ri));
+                let end = dur_ms(attempt.end_ms);
+                return Some((pod, failure_time(rec, end), ""));
+            }
+        }
+    }
+    let mut best: Option<(f64, usize, usize, String, Duration)> = None;
+    for (pi, proxy) in inp.inner.iter().enumerate() {
+        for (ri, rec) in proxy.records.iter().enumerate() {
+            if used.contains(&(pi, ri)) {
+                continue;
+            }
+            let Some(pod) = &rec.pod else { continue };
+            // Connections the proxy could not deliver happened when the attempt connected (its
+            // start); a blackholed one fails BLACKHOLE_HOLD later. Connections the pod closed
+            // or reset under a request happened at its end.
+            let duration = attempt.end_ms - attempt.start_ms;
+            let hold = ms(BLACKHOLE_HOLD);
+            let (t, anchor, fits) = match rec.outcome {
+                ProxyOutcome::Refused | ProxyOutcome::NoEndpoints => {
+                    (ms(rec.accepted), attempt.start_ms, duration < hold - 50.0 && !attempt.cause.contains("timeout"))
+                }
+                ProxyOutcome::Blackholed => {
+                    (ms(rec.accepted), attempt.start_ms, duration >= hold - 50.0 || attempt.cause.contains("timeout"))
+                }
+                ProxyOutcome::Spliced => match rec.end {
+                    Some((t, End::PodClosed | End::PodReset)) => {
+                        (ms(t), attempt.end_ms, !attempt.cause.contains("refused"))
+                    }
+                    _ => continue,
+                },
+            };
+            if !fits || t < attempt.start_ms - slack || t > attempt.end_ms + slack {
+                continue;
+            }
+            let dist = (t - anchor).abs();
+            if best.as_ref().is_none_or(|b| dist < b.0) {
+                best = Some((dist, pi, ri, pod.clone(), dur_ms(t)));
+            }
+        }
+    }
+    if let Some((_, pi, ri, pod, at)) = best {
+        used.insert((pi, ri));
+        return Some((pod, at, ""));
+    }
+    if !(attempt.cause.contains("reset") || attempt.cause.contains("closed")) {
+        return None;
+    }
+    // A stale pooled connection: closed by its pod shortly before.
+    let mut stale: Option<(f64, usize, usize, String, Duration)> = None;
+    for (pi, proxy) in inp.inner.iter().enumerate() {
+        for (ri, rec) in proxy.records.iter().enumerate() {
+            if used.contains(&(pi, ri)) || rec.outcome != ProxyOutcome::Spliced {
+                continue;
+            }
+            let (Some(pod), Some((t, End::PodClosed | End::PodReset))) = (&rec.pod, rec.end) else { continue };
+            let t_ms = ms(t);
+            if t_ms > attempt.start_ms + slack || t_ms < attempt.start_ms - STALE_WINDOW_MS {
+                continue;
+            }
+            if stale.as_ref().is_none_or(|b| t_ms > b.0) {
+                stale = Some((t_ms, pi, ri, pod.clone(), t));
+            }
+        }
+    }
+    let (_, pi, ri, pod, at) = stale?;
+    used.insert((pi, ri));
+    Some((pod, at, " (stale pooled connection)"))
+}
+
+/// How far back a pod's close can explain a failure on a reused connection (the upstream
+/// pool's idle limit is below this).
+const STALE_WINDOW_MS: f64 = 15_000.0;
+
+/// A failed frontend→backend attempt as its client span tells it.
+struct Attempt {
+    start_ms: f64,
+    end_ms: f64,
+    cause: String,
+    local: Option<std::net::SocketAddr>,
+}
+
+/// Failures grouped for the report: (hop, phase, cause) → count and ms-after-SIGTERM range.
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    pub hop: String,
+    pub phase: String,
+    pub cause: String,
+    pub count: usize,
+    pub pods: usize,
+    pub ms_after_sigterm_min: Option<f64>,
+    pub ms_after_sigterm_max: Option<f64>,
+    pub source: Source,
+}
+
+/// Per group: count, pods, ms-after-SIGTERM range.
+type Tally = (usize, HashSet<String>, Option<f64>, Option<f64>);
+
+pub fn groups(items: &[Attribution]) -> Vec<Group> {
+    let mut map: BTreeMap<(String, String, String, Source), Tally> = BTreeMap::new();
+    for a in items {
+        let e = map.entry((a.hop.clone(), a.phase.clone(), a.cause.clone(), a.source)).or_insert((
+            0,
+            HashSet::new(),
+            None,
+            None,
+        ));
+        e.0 += 1;
+        e.1.insert(a.pod.clone());
+        if let Some(m) = a.ms_after_sigterm {
+            e.2 = Some(e.2.map_or(m, |x: f64| x.min(m)));
+            e.3 = Some(e.3.map_or(m, |x: f64| x.max(m)));
+        }
+    }
+    let mut out: Vec<Group> = map
+        .into_iter()
+        .map(|((hop, phase, cause, source), (count, pods, lo, hi))| Group {
+            hop,
+            phase,
+            cause,
+            count,
+            pods: pods.len(),
+            ms_after_sigterm_min: lo,
+            ms_after_sigterm_max: hi,
+            source,
+        })
+        .collect();
+    out.sort_by_key(|g| std::cmp::Reverse(g.count));
+    out
+}

@@ -1,0 +1,238 @@
+//! The lab's "API server": pod objects with their conditions and timestamps, an event log for
+//! the timeline, and a change signal every controller watches.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::net::PodNet;
+
+/// One time base for the whole run: monotonic offsets, convertible to and from the Unix time
+/// that spans carry. tokio's `Instant` so that tests with a paused clock see the same time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    unix_start_nanos: u128,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Clock { start: Instant::now(), unix_start_nanos: unix }
+    }
+
+    /// Time since the run began.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn at(&self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.start)
+    }
+
+    pub fn instant(&self, d: Duration) -> Instant {
+        self.start + d
+    }
+
+    /// A span timestamp as milliseconds since the run began (negative if before).
+    pub fn unix_nanos_to_ms(&self, nanos: u64) -> f64 {
+        (nanos as f64 - self.unix_start_nanos as f64) / 1e6
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(crate) fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((ms(*d) * 10.0).round() / 10.0)
+}
+
+pub(crate) fn ser_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_ms(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// A pod as the API server and kubelet report it. Times are offsets from the run's start.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub deployment: String,
+    /// `pod-template-hash`: which ReplicaSet the pod belongs to.
+    pub template_hash: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: std::net::IpAddr,
+    #[serde(skip)]
+    pub net: PodNet,
+    /// The container's named ports (`http` -> 5000), for Services' named targetPorts.
+    #[serde(skip)]
+    pub named_ports: BTreeMap<String, u16>,
+    #[serde(serialize_with = "ser_ms", rename = "created_ms")]
+    pub created: Duration,
+    /// A container process is running.
+    pub running: bool,
+    /// The startup probe has passed (or there is none).
+    pub started: bool,
+    /// The pod's Ready condition.
+    pub ready: bool,
+    #[serde(serialize_with = "ser_opt_ms", rename = "ready_since_ms")]
+    pub ready_since: Option<Duration>,
+    /// deletionTimestamp: the pod is Terminating from here on.
+    #[serde(serialize_with = "ser_opt_ms", rename = "deleted_ms")]
+    pub deleted: Option<Duration>,
+    #[serde(serialize_with = "ser_opt_ms", rename = "sigterm_ms")]
+    pub sigterm: Option<Duration>,
+    #[serde(serialize_with = "ser_opt_ms", rename = "exited_ms")]
+    pub exited: Option<Duration>,
+    /// Removed from the API: its last container has stopped after deletion.
+    #[serde(serialize_with = "ser_opt_ms", rename = "gone_ms")]
+    pub gone: Option<Duration>,
+    pub restarts: u32,
+}
+
+impl Pod {
+    /// Ready for at least `min_ready` now: the Deployment controller's "available".
+    pub fn available(&self, now: Duration, min_ready: Duration) -> bool {
+        self.ready && self.deleted.is_none() && self.ready_since.is_some_and(|t| now.saturating_sub(t) >= min_ready)
+    }
+
+    /// Where in its life the pod was at `t`, from the lab's own records.
+    pub fn phase_at(&self, t: Duration) -> &'static str {
+        if self.exited.is_some_and(|e| t >= e) && self.deleted.is_some() {
+            "exited"
+        } else if self.sigterm.is_some_and(|s| t >= s) {
+            "after-sigterm"
+        } else if self.deleted.is_some_and(|d| t >= d) {
+            "prestop"
+        } else if self.ready_since.is_some_and(|r| t >= r) {
+            "serving"
+        } else {
+            "starting"
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Created,
+    ContainerStarted,
+    Ready,
+    NotReady,
+    Deleted,
+    PreStopStarted,
+    PreStopFinished,
+    PreStopFailed,
+    Sigterm,
+    Sigkill,
+    Exited,
+    ProbeFailed,
+    Restarting,
+    Gone,
+    /// The Service proxy starts routing new connections to the pod (after the lag).
+    EndpointAdded,
+    /// The Service proxy stops routing new connections to the pod (after the lag).
+    EndpointRemoved,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "ser_ms", rename = "at_ms")]
+    pub at: Duration,
+    pub pod: String,
+    pub kind: EventKind,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Default)]
+struct State {
+    pods: BTreeMap<String, Pod>,
+    events: Vec<Event>,
+}
+
+pub struct Cluster {
+    pub clock: Clock,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl Cluster {
+    pub fn new(clock: Clock) -> Cluster {
+        Cluster { clock, state: Mutex::default(), changed: watch::channel(0).0 }
+    }
+
+    /// A receiver that wakes on every pod change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    pub fn add_pod(&self, pod: Pod) {
+        let name = pod.name.clone();
+        let at = pod.created;
+        {
+            let mut st = self.state.lock().unwrap();
+            st.pods.insert(name.clone(), pod);
+            st.events.push(Event { at, pod: name, kind: EventKind::Created, detail: String::new() });
+        }
+        self.bump();
+    }
+
+    /// Changes a pod and signals watchers; returns false when the pod does not exist.
+    pub fn update_pod(&self, name: &str, f: impl FnOnce(&mut Pod)) -> bool {
+        let found = {
+            let mut st = self.state.lock().unwrap();
+            match st.pods.get_mut(name) {
+                Some(p) => {
+                    f(p);
+                    true
+                }
+                None => false,
+            }
+        };
+        if found {
+            self.bump();
+        }
+        found
+    }
+
+    pub fn event(&self, pod: &str, kind: EventKind, detail: impl Into<String>) {
+        let at = self.clock.now();
+        self.state.lock().unwrap().events.push(Event { at, pod: pod.to_string(), kind, detail: detail.into() });
+    }
+
+    pub fn pod(&self, name: &str) -> Option<Pod> {
+        self.state.lock().unwrap().pods.get(name).cloned()
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.state.lock().unwrap().pods.values().cloned().collect()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// The pod listening at `addr` (pod addresses are never reused within a lab process).
+    pub fn pod_by_addr(&self, addr: std::net::SocketAddr) -> Option<Pod> {
+        self.state.lock().unwrap().pods.values().find(|p| p.net.owns(addr)).cloned()
+    }
+}

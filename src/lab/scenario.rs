@@ -1,0 +1,358 @@
+//! One run: bring up the overlay (Services with their proxies, Deployments with their pods),
+//! put load on it, roll the Deployments, and collect what happened.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::future::join_all;
+
+use super::attribution::{self, Inputs, ProxyRecords};
+use super::cluster::{ms, Clock, Cluster};
+use super::container::ServiceDns;
+use super::deployment::DeploymentCtl;
+use super::endpoints::{self, ServicePort};
+use super::kubelet::KubeletOptions;
+use super::load::{self, LoadConfig};
+use super::manifest::{namespace_of, Manifest};
+use super::net::Net;
+use super::pods::PodFactory;
+use super::progress::Progress;
+use super::report::{self, RolloutWindow, RunResult};
+use super::service_proxy::ServiceProxy;
+use super::timeline;
+use crate::otlp_receiver::OtlpReceiver;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub name: String,
+    pub lag: Duration,
+    pub rate: f64,
+    pub warmup: Duration,
+    pub cooldown: Duration,
+    pub timeout: Duration,
+    pub rollouts: usize,
+    /// Deployments to restart; empty = all.
+    pub restart: Vec<String>,
+    pub sequential: bool,
+    pub entry: Option<String>,
+    pub path: String,
+    pub max_in_flight: usize,
+    pub exe: PathBuf,
+    pub run_dir: PathBuf,
+    pub sandbox_teardown: Duration,
+    /// Bound on bringing the Deployments up and on each rollout.
+    pub limit: Duration,
+}
+
+/// The Service the load goes through: `--entry`, else the one NodePort/LoadBalancer Service,
+/// else `svc-frontend` / `frontend`.
+fn entry_service(m: &Manifest, wanted: Option<&str>) -> Result<String> {
+    let names: Vec<String> = m.services.iter().filter_map(|s| s.metadata.name.clone()).collect();
+    if let Some(w) = wanted {
+        if names.iter().any(|n| n == w) {
+            return Ok(w.to_string());
+        }
+        bail!("--entry {w}: no such Service in {} (it has {})", m.source, names.join(", "));
+    }
+    let exposed: Vec<&String> = m
+        .services
+        .iter()
+        .filter(|s| matches!(s.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("NodePort") | Some("LoadBalancer")))
+        .filter_map(|s| s.metadata.name.as_ref())
+        .collect();
+    if exposed.len() == 1 {
+        return Ok(exposed[0].clone());
+    }
+    for n in ["svc-frontend", "frontend"] {
+        if names.iter().any(|x| x == n) {
+            return Ok(n.to_string());
+        }
+    }
+    bail!("{}: which Service takes the load? Name it with --entry (Services: {})", m.source, names.join(", "))
+}
+
+/// The Services as played: their proxies and the endpoints controller feeding them.
+struct Proxies {
+    list: Vec<(ServicePort, ServiceProxy)>,
+    endpoints: endpoints::Controller,
+}
+
+pub async fn run(
+    cfg: &RunConfig,
+    manifest: &Manifest,
+    net: Arc<Net>,
+    receiver: Option<&OtlpReceiver>,
+    progress: &Progress,
+) -> Result<RunResult> {
+    let clock = Clock::new();
+    let cluster = Arc::new(Cluster::new(clock));
+    progress.run(&cfg.name, cluster.clone());
+    progress.phase("starting");
+    std::fs::create_dir_all(cfg.run_dir.join("pods")).with_context(|| format!("creating {}", cfg.run_dir.display()))?;
+    if let Some(r) = receiver {
+        r.clear();
+    }
+    let entry = entry_service(manifest, cfg.entry.as_deref())?;
+
+    // Services: ports, lagged endpoint views, proxies on their ClusterIPs.
+    let mut ports = Vec::new();
+    for s in &manifest.services {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let spec = s.spec.clone().unwrap_or_default();
+        let multi = spec.ports.as_ref().map(|p| p.len()).unwrap_or(0) > 1;
+        for p in spec.ports.iter().flatten() {
+            ports.push(ServicePort {
+                service: if multi {
+                    format!("{name}:{}", p.name.clone().unwrap_or_else(|| p.port.to_string()))
+                } else {
+                    name.clone()
+                },
+                namespace: namespace_of(&s.metadata),
+                selector: spec.selector.clone().unwrap_or_default(),
+                port: u16::try_from(p.port).with_context(|| format!("Service/{name}: port {}", p.port))?,
+                target: p
+                    .target_port
+                    .clone()
+                    .unwrap_or(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
+                publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+            });
+        }
+    }
+    let (controller, views) = endpoints::start(cluster.clone(), ports.clone(), cfg.lag);
+    let mut proxies = Proxies { list: Vec::new(), endpoints: controller };
+    let mut dns = Vec::new();
+    let mut cluster_ips = std::collections::BTreeMap::new();
+    for (sp, view) in ports.into_iter().zip(views) {
+        let base = sp.service.split(':').next().unwrap_or_default().to_string();
+        let ip = match cluster_ips.get(&base) {
+            Some(ip) => *ip,
+            None => {
+                let ip = net.cluster_ip()?;
+                cluster_ips.insert(base.clone(), ip);
+                ip
+            }
+        };
+        let proxy = ServiceProxy::start(&sp.service, std::net::SocketAddr::new(ip, sp.port), view, cluster.clone())
+            .await
+            .with_context(|| format!("Service/{base}: binding its proxy on {ip}:{}", sp.port))?;
+        let svc = manifest.services.iter().find(|s| s.metadata.name.as_deref() == Some(base.as_str()));
+        let port_name = svc
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ps| ps.iter().find(|p| p.port == i32::from(sp.port)))
+            .and_then(|p| p.name.clone());
+        dns.push(ServiceDns {
+            name: base,
+            namespace: sp.namespace.clone(),
+            port: sp.port,
+            port_name,
+            proxy: proxy.addr,
+        });
+        proxies.list.push((sp, proxy));
+    }
+
+    let factory = PodFactory {
+        cluster: cluster.clone(),
+        net,
+        exe: cfg.exe.clone(),
+        run_dir: cfg.run_dir.clone(),
+        config_maps: manifest.config_maps.clone(),
+        services: dns,
+        otlp_endpoint: receiver.map(|r| r.endpoint()),
+        kubelet: KubeletOptions { sandbox_teardown: cfg.sandbox_teardown },
+    };
+    let mut ctls: Vec<DeploymentCtl> =
+        manifest.deployments.iter().map(DeploymentCtl::from_manifest).collect::<Result<_>>()?;
+    for r in &cfg.restart {
+        if !ctls.iter().any(|c| &c.name == r) {
+            bail!("--restart {r}: no such Deployment in {}", manifest.source);
+        }
+    }
+    let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
+    let spans = match (&result, receiver) {
+        // Export is batched: before the pods go, wait until their spans stop arriving.
+        (Ok((requests, _, _)), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
+            progress.phase("collecting spans");
+            settle(r).await
+        }
+        (_, Some(r)) => r.spans(),
+        _ => Vec::new(),
+    };
+    // Whatever happened, no pod outlives its run.
+    for c in &mut ctls {
+        c.kill_all();
+    }
+    let (requests, windows, run_end) = result?;
+    let pods = cluster.pods();
+    let entry_records = proxies
+        .list
+        .iter()
+        .filter(|(sp, _)| sp.service.split(':').next() == Some(entry.as_str()))
+        .flat_map(|(_, p)| p.log.records())
+        .collect();
+    let inner = proxies
+        .list
+        .iter()
+        .filter(|(sp, _)| sp.service.split(':').next() != Some(entry.as_str()))
+        .map(|(sp, p)| ProxyRecords { service: &sp.service, records: p.log.records() })
+        .collect();
+    let attribution = attribution::attribute(&Inputs {
+        clock: &clock,
+        requests: &requests,
+        spans: &spans,
+        pods: &pods,
+        entry: ProxyRecords { service: &entry, records: entry_records },
+        inner,
+    });
+    let groups = attribution::groups(&attribution.items);
+    let summary = report::summarize(&requests, &windows);
+    let timeline_path = cfg.run_dir.join("timeline.svg");
+    let mut result = RunResult {
+        name: cfg.name.clone(),
+        endpoint_lag_ms: ms(cfg.lag),
+        rate: cfg.rate,
+        summary,
+        rollouts: windows,
+        attribution,
+        groups,
+        spans_received: spans.len(),
+        run_ms: ms(run_end),
+        run_dir: cfg.run_dir.clone(),
+        timeline: timeline_path.clone(),
+        pods,
+        events: cluster.events(),
+        requests,
+    };
+    result.run_ms = ms(cluster.clock.now());
+    std::fs::write(&timeline_path, timeline::render(&result))
+        .with_context(|| format!("writing {}", timeline_path.display()))?;
+    Ok(result)
+}
+
+type Driven = (Vec<load::RequestRecord>, Vec<RolloutWindow>, Duration);
+
+async fn drive(
+    cfg: &RunConfig,
+    cluster: &Arc<Cluster>,
+    factory: &PodFactory,
+    ctls: &mut [DeploymentCtl],
+    proxies: &Proxies,
+    entry: &str,
+    progress: &Progress,
+) -> Result<Driven> {
+    // Bring every Deployment up and let the proxies learn the endpoints.
+    let ups = join_all(ctls.iter_mut().map(|c| c.start(factory, cfg.limit))).await;
+    for r in ups {
+        r?;
+    }
+    progress.phase("waiting for endpoints");
+    proxies.endpoints.converged(cluster, cfg.lag + Duration::from_secs(5)).await;
+
+    let (_, entry_proxy) = proxies
+        .list
+        .iter()
+        .find(|(sp, _)| sp.service.split(':').next() == Some(entry))
+        .context("the entry Service has no port")?;
+    let load = load::start(
+        LoadConfig {
+            target: entry_proxy.addr,
+            host: entry.to_string(),
+            path: cfg.path.clone(),
+            rate: cfg.rate,
+            timeout: cfg.timeout,
+            max_in_flight: cfg.max_in_flight,
+            pool_idle: Duration::from_secs(3),
+        },
+        cluster.clock,
+        Some(entry_proxy.log.clone()),
+    );
+    progress.load(load.stats.clone());
+    progress.phase("warmup");
+    tokio::time::sleep(cfg.warmup).await;
+
+    let mut windows = Vec::new();
+    let rolled: Vec<usize> =
+        (0..ctls.len()).filter(|i| cfg.restart.is_empty() || cfg.restart.contains(&ctls[*i].name)).collect();
+    let mut failure = None;
+    for index in 0..cfg.rollouts {
+        progress.phase(&format!("rollout {}/{}", index + 1, cfg.rollouts));
+        let start = cluster.clock.now();
+        let mut stats = Vec::new();
+        if cfg.sequential {
+            for &i in &rolled {
+                match ctls[i].rollout_restart(factory, cfg.limit).await {
+                    Ok(s) => stats.push(s),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+        } else {
+            let selected: Vec<&mut DeploymentCtl> =
+                ctls.iter_mut().enumerate().filter(|(i, _)| rolled.contains(i)).map(|(_, c)| c).collect();
+            for r in join_all(selected.into_iter().map(|c| c.rollout_restart(factory, cfg.limit))).await {
+                match r {
+                    Ok(s) => stats.push(s),
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+        }
+        if failure.is_none() {
+            // The rollout is over for clients once the proxies have caught up with it.
+            progress.phase(&format!("rollout {}/{}: proxies catching up", index + 1, cfg.rollouts));
+            proxies.endpoints.converged(cluster, cfg.lag + cfg.sandbox_teardown + Duration::from_secs(5)).await;
+        }
+        windows.push(RolloutWindow {
+            index,
+            start,
+            end: cluster.clock.now(),
+            deployments: stats,
+            failed: 0,
+            requests: 0,
+        });
+        if failure.is_some() {
+            break;
+        }
+    }
+    if failure.is_none() {
+        progress.phase("cooldown");
+        tokio::time::sleep(cfg.cooldown).await;
+    }
+    progress.phase("draining the load");
+    let requests = load.finish().await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // Each window owns the requests that started in it, up to the next window.
+    for i in 0..windows.len() {
+        let from = windows[i].start;
+        let to = windows.get(i + 1).map(|w| w.start).unwrap_or(Duration::MAX);
+        let mine = requests.iter().filter(|r| r.start >= from && r.start < to);
+        let (n, f) = mine.fold((0, 0), |(n, f), r| (n + 1, f + usize::from(!r.outcome.is_ok())));
+        windows[i].requests = n;
+        windows[i].failed = f;
+    }
+    Ok((requests, windows, cluster.clock.now()))
+}
+
+/// Waits until no new span has arrived for a while (bounded).
+async fn settle(r: &OtlpReceiver) -> Vec<crate::otlp_receiver::SpanRecord> {
+    let quiet = Duration::from_millis(1500);
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut last = r.spans().len();
+    let mut since = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = r.spans().len();
+        if n != last {
+            last = n;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            break;
+        }
+    }
+    r.spans()
+}
