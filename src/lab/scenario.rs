@@ -13,6 +13,7 @@ use super::cluster::{ms, Clock, Cluster};
 use super::container::ServiceDns;
 use super::deployment::DeploymentCtl;
 use super::endpoints::{self, ServicePort};
+use super::k6::{K6Config, K6Figures, K6Run};
 use super::kubelet::KubeletOptions;
 use super::load::{self, LoadConfig};
 use super::manifest::{namespace_of, Manifest};
@@ -44,6 +45,16 @@ pub struct RunConfig {
     pub sandbox_teardown: Duration,
     /// Bound on bringing the Deployments up and on each rollout.
     pub limit: Duration,
+    /// k6 instead of the built-in load generator.
+    pub k6: Option<K6Source>,
+}
+
+/// `--k6`: the binary, the script, and how long k6's rollout phase lasts.
+#[derive(Debug, Clone)]
+pub struct K6Source {
+    pub bin: PathBuf,
+    pub script: PathBuf,
+    pub rollout_phase: Duration,
 }
 
 /// The Service the load goes through: `--entry`, else the one NodePort/LoadBalancer Service,
@@ -173,7 +184,7 @@ pub async fn run(
     let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
     let spans = match (&result, receiver) {
         // Export is batched: before the pods go, wait until their spans stop arriving.
-        (Ok((requests, _, _)), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
+        (Ok((requests, _, _, _)), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
             progress.phase("collecting spans");
             settle(r).await
         }
@@ -184,7 +195,7 @@ pub async fn run(
     for c in &mut ctls {
         c.kill_all();
     }
-    let (requests, windows, run_end) = result?;
+    let (requests, windows, run_end, k6) = result?;
     let pods = cluster.pods();
     let entry_records = proxies
         .list
@@ -207,7 +218,10 @@ pub async fn run(
         inner,
     });
     let groups = attribution::groups(&attribution.items);
-    let summary = report::summarize(&requests, &windows);
+    let summary = match &k6 {
+        Some(f) => report::summary_from_k6(f, &windows),
+        None => report::summarize(&requests, &windows),
+    };
     let timeline_path = cfg.run_dir.join("timeline.svg");
     let mut result = RunResult {
         name: cfg.name.clone(),
@@ -224,6 +238,7 @@ pub async fn run(
         pods,
         events: cluster.events(),
         requests,
+        k6,
     };
     result.run_ms = ms(cluster.clock.now());
     std::fs::write(&timeline_path, timeline::render(&result))
@@ -231,7 +246,7 @@ pub async fn run(
     Ok(result)
 }
 
-type Driven = (Vec<load::RequestRecord>, Vec<RolloutWindow>, Duration);
+type Driven = (Vec<load::RequestRecord>, Vec<RolloutWindow>, Duration, Option<K6Figures>);
 
 async fn drive(
     cfg: &RunConfig,
@@ -255,22 +270,55 @@ async fn drive(
         .iter()
         .find(|(sp, _)| sp.service.split(':').next() == Some(entry))
         .context("the entry Service has no port")?;
-    let load = load::start(
-        LoadConfig {
-            target: entry_proxy.addr,
-            host: entry.to_string(),
-            path: cfg.path.clone(),
-            rate: cfg.rate,
-            timeout: cfg.timeout,
-            max_in_flight: cfg.max_in_flight,
-            pool_idle: Duration::from_secs(3),
-        },
-        cluster.clock,
-        Some(entry_proxy.log.clone()),
-    );
-    progress.load(load.stats.clone());
-    progress.phase("warmup");
-    tokio::time::sleep(cfg.warmup).await;
+    enum Source {
+        Lab(load::LoadRun),
+        K6(Box<K6Run>),
+    }
+    let run_started = tokio::time::Instant::now();
+    let source = match &cfg.k6 {
+        None => {
+            let load = load::start(
+                LoadConfig {
+                    target: entry_proxy.addr,
+                    host: entry.to_string(),
+                    path: cfg.path.clone(),
+                    rate: cfg.rate,
+                    timeout: cfg.timeout,
+                    max_in_flight: cfg.max_in_flight,
+                    pool_idle: Duration::from_secs(3),
+                },
+                cluster.clock,
+                Some(entry_proxy.log.clone()),
+            );
+            progress.load(load.stats.clone());
+            progress.phase("warmup");
+            tokio::time::sleep(cfg.warmup).await;
+            Source::Lab(load)
+        }
+        Some(k) => {
+            let mut run = K6Run::start(
+                K6Config {
+                    bin: k.bin.clone(),
+                    script: k.script.clone(),
+                    frontend_url: format!("http://{}", entry_proxy.addr),
+                    path: cfg.path.clone(),
+                    rate: cfg.rate,
+                    warmup: cfg.warmup,
+                    rollout: k.rollout_phase,
+                    cooldown: cfg.cooldown,
+                    timeout: cfg.timeout,
+                    run_dir: cfg.run_dir.clone(),
+                },
+                cluster.clock,
+            )
+            .await?;
+            progress.load(run.stats.clone());
+            progress.phase("k6 warmup");
+            run.wait_banner(cfg.warmup + Duration::from_secs(30)).await?;
+            Source::K6(Box::new(run))
+        }
+    };
+    let rollout_phase_start = tokio::time::Instant::now();
 
     let mut windows = Vec::new();
     let rolled: Vec<usize> =
@@ -317,12 +365,34 @@ async fn drive(
             break;
         }
     }
-    if failure.is_none() {
-        progress.phase("cooldown");
-        tokio::time::sleep(cfg.cooldown).await;
-    }
-    progress.phase("draining the load");
-    let requests = load.finish().await;
+    let (requests, k6) = match source {
+        Source::Lab(load) => {
+            if failure.is_none() {
+                progress.phase("cooldown");
+                tokio::time::sleep(cfg.cooldown).await;
+            }
+            progress.phase("draining the load");
+            (load.finish().await, None)
+        }
+        Source::K6(run) => {
+            progress.phase("k6 running to its end");
+            let k = cfg.k6.as_ref().expect("k6 source");
+            let overran = rollout_phase_start.elapsed() > k.rollout_phase;
+            // k6's whole plan, its graceful stops, and a margin; bounded whatever happens.
+            let planned = cfg.warmup + k.rollout_phase + cfg.cooldown + 3 * (cfg.timeout + Duration::from_secs(2));
+            let limit = (run_started + planned + Duration::from_secs(30))
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_secs(10));
+            let r = run.finish(limit).await;
+            match r {
+                Ok((mut fig, records)) => {
+                    fig.rollout_overran_phase = overran;
+                    (records, Some(fig))
+                }
+                Err(e) => return Err(failure.unwrap_or(e)),
+            }
+        }
+    };
     if let Some(e) = failure {
         return Err(e);
     }
@@ -335,7 +405,7 @@ async fn drive(
         windows[i].requests = n;
         windows[i].failed = f;
     }
-    Ok((requests, windows, cluster.clock.now()))
+    Ok((requests, windows, cluster.clock.now(), k6))
 }
 
 /// Waits until no new span has arrived for a while (bounded).

