@@ -40,12 +40,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The upstream service: /api/data does simulated work.
+    #[command(after_help = ENV_HELP)]
     Backend(BackendArgs),
     /// The service users hit: calls the backend through the upstream client.
+    #[command(after_help = ENV_HELP)]
     Frontend(FrontendArgs),
     /// The preStop task: drain the local pod, notify the backend, hold while endpoints propagate.
     ShutdownProbe(ProbeArgs),
     /// Print the effective configuration and where each value came from.
+    #[command(after_help = ENV_HELP)]
     Config(ConfigArgs),
     /// Play Kubernetes' termination race on this machine: problem vs solution under load.
     Lab(Box<crate::lab::LabArgs>),

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use actix_web::http::{Method, StatusCode};
+use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use tracing_actix_web::RootSpan;
@@ -44,8 +45,8 @@ pub fn run(config: Config) -> ExitCode {
     })
 }
 
-fn trace_id(root: &RootSpan) -> String {
-    telemetry::trace_id(root)
+fn trace_id(req: &HttpRequest) -> String {
+    telemetry::request_trace_id(&req.extensions())
 }
 
 async fn proxy_data(
@@ -61,12 +62,11 @@ async fn proxy_data(
     };
     let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
     let outcome = upstream.call(method, &path, body, &ctx.metrics).await;
-    respond(&ctx, &root, outcome)
+    respond(&ctx, &root, &trace_id(&req), outcome)
 }
 
-fn respond(ctx: &Ctx, root: &RootSpan, outcome: Outcome) -> HttpResponse {
+fn respond(ctx: &Ctx, root: &RootSpan, tid: &str, outcome: Outcome) -> HttpResponse {
     let retries = outcome.retries();
-    let tid = trace_id(root);
     match outcome.result {
         Ok(resp) => {
             let backend: Value = serde_json::from_slice(&resp.body)
@@ -94,7 +94,7 @@ fn respond(ctx: &Ctx, root: &RootSpan, outcome: Outcome) -> HttpResponse {
         Err(e) => {
             root.record("error.type", e.kind.as_str());
             tracing::warn!(error.type = e.kind.as_str(), detail = %e.detail, retries, "backend call failed");
-            HttpResponse::build(e.kind.status()).json(json!({
+            HttpResponse::build(e.status()).json(json!({
                 "status": "error",
                 "error": e.kind.as_str(),
                 "message": e.detail,
@@ -111,7 +111,7 @@ async fn startup(
     ctx: Shared,
     upstream: web::Data<Upstream>,
     cache: web::Data<StartupCache>,
-    root: RootSpan,
+    req: HttpRequest,
 ) -> HttpResponse {
     if let Some(code) = cache.code.lock().unwrap().clone() {
         return HttpResponse::Ok().json(json!({"status": "started", "code": code}));
@@ -133,7 +133,7 @@ async fn startup(
             HttpResponse::ServiceUnavailable().json(json!({
                 "status": "starting",
                 "error": why,
-                "trace_id": trace_id(&root),
+                "trace_id": trace_id(&req),
             }))
         }
     }

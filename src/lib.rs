@@ -6,6 +6,7 @@ pub mod frontend;
 pub mod identity;
 pub mod lab;
 pub mod lifecycle;
+pub mod log_format;
 pub mod metrics;
 pub mod otlp_receiver;
 pub mod probe;

@@ -133,6 +133,7 @@ async fn lifecycle_middleware(
         span.record("graceful.shutdown.phase", phase_start.as_str());
         span.record("graceful.pod", ctx.identity.pod_name.as_str());
     }
+    let tid = telemetry::request_trace_id(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let _in_flight = ctx.lifecycle.track(span.clone());
@@ -155,12 +156,9 @@ async fn lifecycle_middleware(
     if let Ok(v) = HeaderValue::try_from(ctx.identity.pod_name.as_str()) {
         headers.insert(HeaderName::from_static(POD_HEADER), v);
     }
-    if let Some(span) = &span {
-        let tid = telemetry::trace_id(span);
-        if !tid.is_empty() {
-            if let Ok(v) = HeaderValue::try_from(tid) {
-                headers.insert(HeaderName::from_static(TRACE_HEADER), v);
-            }
+    if !tid.is_empty() {
+        if let Ok(v) = HeaderValue::try_from(tid) {
+            headers.insert(HeaderName::from_static(TRACE_HEADER), v);
         }
     }
     Ok(res)

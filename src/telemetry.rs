@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::HttpMessage;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::KeyValue;
@@ -66,10 +67,8 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
     };
     let fmt = if json {
         tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(crate::log_format::SpanFieldsForLogs)
+            .event_format(crate::log_format::JsonWithTraceIds)
             .with_writer(std::io::stdout)
             .boxed()
     } else {
@@ -258,15 +257,41 @@ pub fn inject(span: &Span) -> OutgoingHeaders {
     out
 }
 
-/// tracing-actix-web's root span, plus our fields and the caller's W3C context.
+/// The trace id of the request being served (set when its server span is built).
+#[derive(Clone, Debug)]
+struct RequestTraceId(String);
+
+/// The current request's trace id, or "" when spans are not exported.
+pub fn request_trace_id(extensions: &actix_web::dev::Extensions) -> String {
+    extensions.get::<RequestTraceId>().map(|t| t.0.clone()).unwrap_or_default()
+}
+
+/// The server span of every request: the fields that say where a request died, in OpenTelemetry's
+/// semantic-convention names, and the caller's W3C context. Leaner than tracing-actix-web's
+/// default (no request id, no duplicated pre-1.0 `http.*` names): every field is paid for on
+/// every request. Probe paths get no span (kubelet polls them every few seconds).
 pub struct RequestSpan;
 
 impl RootSpanBuilder for RequestSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        let span = tracing_actix_web::root_span!(
-            request,
-            http.request.method = %request.method(),
+        if crate::server::is_probe_path(request.path()) {
+            return Span::none();
+        }
+        let route = request.match_pattern();
+        let route = route.as_deref().unwrap_or("unmatched");
+        let method = request.method();
+        let span = tracing::info_span!(
+            "HTTP request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = route,
+            url.path = request.path(),
+            client.address = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
+            exception.message = tracing::field::Empty,
+            exception.details = tracing::field::Empty,
             graceful.shutdown.phase = tracing::field::Empty,
             graceful.shutdown.phase_end = tracing::field::Empty,
             graceful.ms_since_sigterm = tracing::field::Empty,
@@ -274,13 +299,17 @@ impl RootSpanBuilder for RequestSpan {
             graceful.pod = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
+        if let Some(peer) = request.peer_addr() {
+            span.record("client.address", tracing::field::display(peer.ip()));
+        }
         if enabled() {
             let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
             if parent.span().span_context().is_valid() {
                 // Must happen before anything starts the span (context(), enter).
                 let _ = span.set_parent(parent);
             }
-            span.record("trace_id", trace_id(&span));
+            // Once per request: the response header and error bodies read it from here.
+            request.extensions_mut().insert(RequestTraceId(trace_id(&span)));
         }
         span
     }
@@ -293,9 +322,7 @@ impl RootSpanBuilder for RequestSpan {
         // makes OK final; so plain responses are marked here and only actix errors go to it.
         match outcome {
             Ok(res) if res.response().error().is_none() => {
-                let code = i64::from(res.status().as_u16());
-                span.record("http.status_code", code);
-                span.record("http.response.status_code", code);
+                span.record("http.response.status_code", i64::from(res.status().as_u16()));
                 let failed = res.status().is_server_error();
                 span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
             }

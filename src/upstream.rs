@@ -76,6 +76,15 @@ impl UpstreamError {
         UpstreamError { kind, detail: detail.into(), status: None }
     }
 
+    /// What the frontend answers: a backend that is unavailable (503: draining, or no ready
+    /// endpoint behind a proxy) stays 503; other failures are the gateway's 502 or 504.
+    pub fn status(&self) -> StatusCode {
+        match (self.kind, self.status) {
+            (ErrorType::Http5xx, Some(503)) => StatusCode::SERVICE_UNAVAILABLE,
+            (kind, _) => kind.status(),
+        }
+    }
+
     /// Transport failures and 502/503/504 may go to another pod; a plain 500 is the app's answer.
     fn retryable(&self) -> bool {
         match self.kind {
@@ -241,7 +250,9 @@ impl Upstream {
             span.record("network.peer.address", a.to_string());
         }
         let started = Instant::now();
+        let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
         let result = self.send(method, url, addr, body, &span).instrument(span.clone()).await;
+        cancelled.finished = true;
         span.record("duration_ms", started.elapsed().as_millis() as i64);
         match &result {
             Ok(resp) => {
@@ -305,6 +316,24 @@ impl Upstream {
     }
 }
 
+/// The overall deadline cancels an attempt by dropping its future: the attempt span must still
+/// end with an error, or the trace would show an attempt that simply stopped.
+struct CancelledAttempt<'a> {
+    span: &'a tracing::Span,
+    started: Instant,
+    finished: bool,
+}
+
+impl Drop for CancelledAttempt<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.span.record("duration_ms", self.started.elapsed().as_millis() as i64);
+            self.span.record("error.type", ErrorType::DeadlineExceeded.as_str());
+            self.span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
 fn is_reset(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
@@ -353,6 +382,10 @@ mod tests {
         assert_eq!(ErrorType::ConnectionReset.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(ErrorType::Timeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(ErrorType::DeadlineExceeded.status(), StatusCode::GATEWAY_TIMEOUT);
+        let backend = |s| UpstreamError { kind: ErrorType::Http5xx, detail: String::new(), status: Some(s) };
+        assert_eq!(backend(503).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(backend(500).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(backend(504).status(), StatusCode::BAD_GATEWAY);
     }
 
     #[test]

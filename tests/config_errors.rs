@@ -51,6 +51,12 @@ fn bad_duration_in_env() {
 }
 
 #[test]
+fn unknown_key_in_env() {
+    let out = run(&["config"], &[("GRACEFUL_SHUTDOWN__DRAIN_DEALY", "1s")]);
+    fails_naming(&out, &["drain_dealy", "GRACEFUL_SHUTDOWN__DRAIN_DEALY"]);
+}
+
+#[test]
 fn bad_port_in_file() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("g.toml");
@@ -123,9 +129,12 @@ fn config_shows_each_source() {
 
 #[test]
 fn help_documents_env_vars() {
-    let out = run(&["--help"], &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    for v in ["GRACEFUL_CONFIG", "GRACEFUL_<SECTION>__<KEY>", "OTEL_EXPORTER_OTLP_ENDPOINT", "POD_NAME"] {
-        assert!(text.contains(v), "--help lacks {v}");
+    for args in [&["--help"][..], &["backend", "--help"], &["frontend", "--help"], &["config", "--help"]] {
+        let out = run(args, &[]);
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for v in ["GRACEFUL_CONFIG", "GRACEFUL_<SECTION>__<KEY>", "OTEL_EXPORTER_OTLP_ENDPOINT", "POD_NAME"] {
+            assert!(text.contains(v), "{args:?} lacks {v}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use figment::Figment;
 use graceful::cli::{Cli, Command, ProbeArgs};
 use graceful::config::{Config, ENV_PREFIX, OTEL_ENV};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Probe, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -509,9 +509,14 @@ fn problem_and_solution_differ_exactly_as_intended() {
         if name == "frontend" {
             assert!(sc.features.retry && sc.features.timeouts, "solution frontend: retry and timeouts on");
         }
+        // Both export traces the same way: the problem's failures are what Jaeger must show.
         assert!(sc.telemetry.otlp_endpoint.is_some(), "solution {name}: traces exported");
         assert_eq!(sc.telemetry.service_name.as_deref(), Some(name), "solution {name}: OTEL_SERVICE_NAME");
-        assert!(pc.telemetry.otlp_endpoint.is_none(), "problem {name}: no trace export");
+        let otel_env = |d: &Deployment| -> Vec<EnvVar> {
+            app_container(d).env.iter().flatten().filter(|e| e.name.starts_with("OTEL_")).cloned().collect()
+        };
+        assert!(!otel_env(p).is_empty(), "problem {name}: traces exported");
+        assert_eq!(otel_env(p), otel_env(s), "{name}: problem and solution trace alike");
 
         // preStop.
         assert!(pre_stop(p).is_none(), "problem {name}: no preStop");

@@ -108,15 +108,18 @@ fn prestop_starts_lame_duck_and_sigterm_then_stops_without_waiting_twice() {
 
 #[test]
 fn second_signal_exits_at_once() {
-    let mut backend = spawn("backend", &["--graceful=true", "--drain-delay", "10s"], &[]);
-    backend.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(backend.child.try_wait().unwrap().is_none(), "still draining");
-    let t0 = Instant::now();
-    backend.signal(libc::SIGINT);
-    let status = backend.wait_exit(Duration::from_secs(2)).expect("second signal exits");
-    assert!(t0.elapsed() < Duration::from_millis(500));
-    assert_eq!(status.code(), Some(130));
+    // SIGTERM then SIGINT (130), SIGTERM then SIGTERM again (143).
+    for (second, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut backend = spawn("backend", &["--graceful=true", "--drain-delay", "10s"], &[]);
+        backend.signal(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(backend.child.try_wait().unwrap().is_none(), "still draining");
+        let t0 = Instant::now();
+        backend.signal(second);
+        let status = backend.wait_exit(Duration::from_secs(2)).expect("second signal exits");
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert_eq!(status.code(), Some(code), "second signal {second}");
+    }
 }
 
 #[test]

@@ -188,10 +188,122 @@ fn logs_are_json_lines_carrying_the_trace_id() {
     assert_eq!(r.status, 502);
     let tid = r.json()["trace_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(2), || frontend.log_text().contains(&tid)));
-    let line =
-        frontend.log_text().lines().find(|l| l.contains(&tid) && l.contains("backend call failed")).map(str::to_string);
-    let line = line.expect("the failure is logged with its trace id");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["span"]["trace_id"], tid.as_str());
+    let logged = |message: &str| -> serde_json::Value {
+        let text = frontend.log_text();
+        let line = text.lines().find(|l| l.contains(&tid) && l.contains(message));
+        let line = line.unwrap_or_else(|| panic!("`{message}` is logged with trace id {tid}:\n{text}"));
+        serde_json::from_str(line).unwrap()
+    };
+    // Top-level ids on every line inside a span: the request's and its attempt's.
+    let request = logged("backend call failed");
+    let attempt = logged("upstream attempt failed");
+    for v in [&request, &attempt] {
+        assert_eq!(v["trace_id"], tid.as_str(), "{v}");
+        assert_eq!(v["span_id"].as_str().map(str::len), Some(16), "{v}");
+        assert_eq!(v["level"], "WARN");
+    }
+    assert_ne!(request["span_id"], attempt["span_id"], "each line names its own span");
+    assert_eq!(request["span"]["name"], "HTTP request");
+    assert_eq!(attempt["span"]["name"], "upstream attempt");
+    assert_eq!(attempt["error.type"], "connection_refused");
+    // The ids are the exported spans' own.
+    let spans = rx.wait_until(Duration::from_secs(5), |s| s.iter().any(|s| s.trace_id == tid && s.kind == 3));
+    let client = spans.iter().find(|s| s.trace_id == tid && s.kind == 3).expect("attempt span exported");
+    assert_eq!(attempt["span_id"], client.span_id.as_str());
     drop(backend);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port with nothing listening on it.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A retried request: one attempt span per try, numbered by `http.request.resend_count`, each
+/// failed one with its `error.type`, the last one naming the pod that answered; the backoff
+/// waits are `retry` events on the request's span.
+#[test]
+fn retries_show_as_numbered_attempts_and_backoff_events() {
+    let rx = receiver();
+    let port = dead_port();
+    let mut env = traced(&rx, "frontend-retry");
+    env.extend([
+        ("GRACEFUL_UPSTREAM__MAX_ATTEMPTS", "12".to_string()),
+        ("GRACEFUL_UPSTREAM__BACKOFF_MIN", "100ms".to_string()),
+        ("GRACEFUL_UPSTREAM__BACKOFF_MAX", "200ms".to_string()),
+        ("GRACEFUL_UPSTREAM__DEADLINE", "8s".to_string()),
+    ]);
+    let frontend = spawn_traced("frontend", &["--backend-url", &format!("http://127.0.0.1:{port}"), "--retry"], &env);
+    let addr = frontend.addr;
+    let call = std::thread::spawn(move || get(addr, "/api/data?work_ms=1"));
+    std::thread::sleep(Duration::from_millis(400));
+    let _backend = KillOnDrop(
+        std::process::Command::new(BIN)
+            .args(["backend", "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "127.0.0.1:0"])
+            .envs(traced(&rx, "backend-came-back"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let r = call.join().unwrap().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let retries = r.json()["retries"].as_u64().unwrap() as usize;
+    assert!(retries >= 1, "{}", r.body);
+    let tid = r.json()["trace_id"].as_str().unwrap().to_string();
+
+    let spans = rx.wait_until(Duration::from_secs(5), |s| {
+        s.iter().filter(|s| s.trace_id == tid && s.kind == KIND_CLIENT).count() > retries
+            && s.iter().any(|s| s.trace_id == tid && s.service_name == "graceful-backend")
+    });
+    let mut attempts: Vec<&SpanRecord> = spans.iter().filter(|s| s.trace_id == tid && s.kind == KIND_CLIENT).collect();
+    attempts.sort_by_key(|s| s.attr_i64("http.request.resend_count"));
+    assert_eq!(attempts.len(), retries + 1, "one span per attempt");
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a.attr_i64("http.request.resend_count"), Some(i as i64));
+    }
+    let (last, failed) = attempts.split_last().unwrap();
+    for a in failed {
+        assert_eq!(a.attr_str("error.type"), Some("connection_refused"), "{a:?}");
+        assert!(a.status_error);
+    }
+    assert_eq!(last.attr_str("error.type"), None);
+    assert_eq!(last.attr_str("graceful.peer.pod"), Some("backend-came-back"));
+    let server =
+        spans.iter().find(|s| s.trace_id == tid && s.kind == KIND_SERVER && s.service_name == "graceful-frontend");
+    let server = server.expect("the frontend's server span");
+    let waits: Vec<_> = server.events.iter().filter(|e| e.name == "retry").collect();
+    assert_eq!(waits.len(), retries, "{:?}", server.events);
+    assert!(waits.iter().all(|e| e.attributes.get("backoff_ms").and_then(|v| v.as_i64()).is_some_and(|ms| ms > 0)));
+}
+
+/// The overall deadline cancels the attempt in flight: its span still ends as an error.
+#[test]
+fn an_attempt_cut_by_the_deadline_ends_with_its_error_type() {
+    let rx = receiver();
+    let backend = spawn("backend", &[], &[]);
+    let mut env = traced(&rx, "frontend-deadline");
+    env.extend([
+        ("GRACEFUL_UPSTREAM__ATTEMPT_TIMEOUT", "5s".to_string()),
+        ("GRACEFUL_UPSTREAM__DEADLINE", "300ms".to_string()),
+    ]);
+    let frontend = spawn_traced("frontend", &["--backend-url", &format!("http://{}", backend.addr)], &env);
+    let t0 = Instant::now();
+    let r = get(frontend.addr, "/api/data?work_ms=2000").unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.json()["error"], "deadline_exceeded");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "{:?}", t0.elapsed());
+    let tid = r.json()["trace_id"].as_str().unwrap().to_string();
+    let spans = rx.wait_until(Duration::from_secs(5), |s| s.iter().any(|s| s.trace_id == tid && s.kind == KIND_CLIENT));
+    let attempt = spans.iter().find(|s| s.trace_id == tid && s.kind == KIND_CLIENT).expect("attempt span");
+    assert_eq!(attempt.attr_str("error.type"), Some("deadline_exceeded"), "{attempt:?}");
+    assert!(attempt.status_error);
 }

@@ -4,7 +4,7 @@
 //!
 //!   cargo bench --bench graceful -- [--short] [--json FILE]
 //!
-//! See bench/README.md for what each figure means and how it is taken.
+//! See benches/README.md for what each figure means and how it is taken.
 
 mod http;
 mod procs;

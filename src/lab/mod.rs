@@ -130,6 +130,10 @@ pub struct LabArgs {
     /// Fail unless at least this percentage of each run's failures is attributed.
     #[arg(long, value_name = "PCT")]
     pub expect_attributed: Option<f64>,
+    /// Fail unless, in every run expected clean, the worst latency during the rollouts stays
+    /// within this much of the steady-state worst (e.g. 25ms): the drain must not make users wait.
+    #[arg(long, value_name = "DURATION")]
+    pub expect_rollout_latency: Option<humantime::Duration>,
     /// Do not collect spans (no OTLP receiver; attribution from the lab's own records only).
     #[arg(long)]
     pub no_tracing: bool,
@@ -245,6 +249,18 @@ fn check_expectations(args: &LabArgs, runs: &[RunResult]) -> Result<Vec<Expectat
                 held,
                 detail,
             });
+            if let Some(within) = args.expect_rollout_latency {
+                let within_ms = Duration::from(within).as_secs_f64() * 1000.0;
+                let (steady, rollout) = (r.summary.steady_max_ms, r.summary.rollout_max_ms);
+                out.push(Expectation {
+                    claim: format!(
+                        "{name} (lag {:.1} s): worst latency during rollout within {within} of steady state",
+                        r.endpoint_lag_ms / 1000.0
+                    ),
+                    held: rollout - steady <= within_ms,
+                    detail: format!("rollout max {rollout:.0} ms, steady-state max {steady:.0} ms"),
+                });
+            }
         }
     }
     for name in &failing {
@@ -503,6 +519,19 @@ mod tests {
         assert!(held(25, 0).iter().all(|e| e.held));
         assert!(!held(0, 0).iter().all(|e| e.held), "a problem that loses nothing breaks the claim");
         assert!(!held(25, 1).iter().all(|e| e.held), "a solution that loses one request breaks the claim");
+    }
+
+    #[test]
+    fn rollout_latency_claim_compares_with_the_steady_state() {
+        let args = Cli::parse_from(["lab", "--expect-clean", "solution", "--expect-rollout-latency", "25ms"]).lab;
+        let with = |steady, rollout| {
+            let mut r = result("solution", 0);
+            (r.summary.steady_max_ms, r.summary.rollout_max_ms) = (steady, rollout);
+            check_expectations(&args, &[r]).unwrap()
+        };
+        assert!(with(205.0, 229.0).iter().all(|e| e.held));
+        let e = with(205.0, 231.0);
+        assert!(!e[1].held && e[1].detail.contains("231"), "{:?}", e[1].detail);
     }
 
     #[test]
