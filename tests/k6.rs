@@ -530,6 +530,13 @@ fn lab_with_k6_fails_the_problem_and_passes_the_solution() {
     assert!(phase_errors("rollout") * 10 >= failed * 8, "{}", pk["phases"]);
     assert_eq!(phase_errors("cooldown"), 0, "{}", pk["phases"]);
     assert_eq!(pk["failures_logged"].as_u64().unwrap(), failed);
+    // k6's successful requests reach the timeline from its CSV samples.
+    let ok_samples = pk["ok_samples"].as_u64().unwrap();
+    assert!(
+        ok_samples + failed <= requests && ok_samples * 10 >= (requests - failed) * 9,
+        "{ok_samples} of {requests}"
+    );
+    assert_eq!(problem["requests"].as_array().unwrap().len() as u64, ok_samples + failed);
     assert_eq!(problem["summary"]["failed"].as_u64().unwrap(), failed, "the lab reports k6's count");
     let a = &problem["attribution"];
     let attributed = a["attributed"].as_u64().unwrap();

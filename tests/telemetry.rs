@@ -102,6 +102,9 @@ fn nothing_is_lost_at_a_clean_stop() {
     assert_eq!(traces.len(), N, "every request's trace arrived");
     let lifecycle: Vec<_> = spans.iter().filter(|s| s.name == "lifecycle").collect();
     assert_eq!(lifecycle.len(), 1, "the lifecycle span is flushed too");
+    // A batch exporter whose thread panicked ("no reactor running") drops every span silently.
+    let log = backend.log_text();
+    assert!(!log.contains("panicked") && !log.contains("no reactor"), "{log}");
 }
 
 #[test]

@@ -79,4 +79,6 @@ fn grpc_export_delivers_every_span_and_exits_promptly() {
         spans.len() >= N
     });
     assert!(ok, "all {N} server spans arrive over gRPC");
+    let log = backend.log_text();
+    assert!(!log.contains("panicked") && !log.contains("no reactor"), "{log}");
 }

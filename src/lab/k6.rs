@@ -83,6 +83,16 @@ impl K6Config {
         self.run_dir.join("k6-summary.json")
     }
 
+    /// k6's per-request samples (`--out csv`), for the timeline's successful requests.
+    pub fn samples_path(&self) -> PathBuf {
+        self.run_dir.join("k6-samples.csv")
+    }
+
+    /// How to run it by hand: environment, binary and arguments.
+    pub fn command_line(&self) -> String {
+        format!("{}={} {} {}", CSV_TIME_FORMAT.0, CSV_TIME_FORMAT.1, self.bin.display(), self.args().join(" "))
+    }
+
     /// The whole `k6 run` command line (also printed to the run directory).
     pub fn args(&self) -> Vec<String> {
         let secs = |d: Duration| format!("{}ms", d.as_millis());
@@ -102,9 +112,49 @@ impl K6Config {
             a.push("-e".into());
             a.push(format!("{k}={v}"));
         }
+        a.push("--out".into());
+        a.push(format!("csv={}", self.samples_path().display()));
         a.push(self.script.display().to_string());
         a
     }
+}
+
+/// Millisecond timestamps in k6's CSV output (its default is whole seconds).
+const CSV_TIME_FORMAT: (&str, &str) = ("K6_CSV_TIME_FORMAT", "unix_milli");
+
+/// The successful requests in k6's CSV output: rolling-update.js's `latency` samples tagged
+/// `outcome=ok` (a sample's time is when its request ended, in Unix ms; its value the latency).
+/// Failed requests come from their `GRACEFUL-FAILED` lines instead, which carry the trace id.
+pub fn ok_records(csv: &str, clock: &Clock, first_id: u64) -> Vec<RequestRecord> {
+    let mut out = Vec::new();
+    for line in csv.lines().filter(|l| l.starts_with("latency,")) {
+        let cols: Vec<&str> = line.split(',').collect();
+        let ok = cols.iter().any(|c| c.split('&').any(|t| t == "outcome=ok"));
+        let (Some(end), Some(value)) = (cols.get(1).and_then(|v| v.parse::<f64>().ok()), cols.get(2)) else {
+            continue;
+        };
+        let Ok(latency_ms) = value.parse::<f64>() else { continue };
+        if !ok || latency_ms < 0.0 {
+            continue;
+        }
+        let end_ms = clock.unix_nanos_to_ms((end * 1e6) as u64);
+        let start_ms = (end_ms - latency_ms).max(0.0);
+        out.push(RequestRecord {
+            id: first_id + out.len() as u64,
+            start: Duration::from_secs_f64(start_ms / 1000.0),
+            latency: Duration::from_secs_f64(latency_ms / 1000.0),
+            outcome: Outcome::Ok,
+            status: Some(200),
+            error: None,
+            retries: 0,
+            trace_id: String::new(),
+            local: None,
+            reused: false,
+            frontend_pod: None,
+            backend_pod: None,
+        });
+    }
+    out
 }
 
 /// A running `k6 run` (killed on drop).
@@ -116,6 +166,7 @@ pub struct K6Run {
     readers: Vec<tokio::task::JoinHandle<()>>,
     pub stats: Arc<LiveStats>,
     cfg: K6Config,
+    clock: Clock,
 }
 
 /// What k6 said about the run, from its JSON summary (loadtest/rolling-update.js's digest).
@@ -145,6 +196,8 @@ pub struct K6Figures {
     pub failures_logged: usize,
     /// The rollout went past the end of k6's rollout phase (the cooldown caught the rest).
     pub rollout_overran_phase: bool,
+    /// Successful requests read from k6's CSV samples (for the timeline).
+    pub ok_samples: usize,
     pub summary_json: PathBuf,
 }
 
@@ -256,10 +309,12 @@ impl K6Run {
     /// Starts k6; its stdout goes to `k6-stdout.txt`, its stderr to `k6.log` in the run directory.
     pub async fn start(cfg: K6Config, clock: Clock) -> Result<K6Run> {
         let args = cfg.args();
-        std::fs::write(cfg.run_dir.join("k6-command.txt"), format!("{} {}\n", cfg.bin.display(), args.join(" "))).ok();
+        std::fs::write(cfg.run_dir.join("k6-command.txt"), format!("{}\n", cfg.command_line())).ok();
         let _ = std::fs::remove_file(cfg.summary_path());
+        let _ = std::fs::remove_file(cfg.samples_path());
         let mut child = Command::new(&cfg.bin)
             .args(&args)
+            .env(CSV_TIME_FORMAT.0, CSV_TIME_FORMAT.1)
             .current_dir(&cfg.run_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -323,7 +378,7 @@ impl K6Run {
                 let _ = f.flush();
             }
         }));
-        Ok(K6Run { child, banner, failures, stderr_tail, readers, stats, cfg })
+        Ok(K6Run { child, banner, failures, stderr_tail, readers, stats, cfg, clock })
     }
 
     fn tail(&self) -> String {
@@ -388,17 +443,26 @@ impl K6Run {
         let digest: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let mut fig = K6Figures::from_digest(&digest);
         fig.exit_code = status.code();
-        fig.command = format!("{} {}", self.cfg.bin.display(), self.cfg.args().join(" "));
+        fig.command = self.cfg.command_line();
         fig.summary_json = path;
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
-        fig.failures_logged = failures.len();
-        Ok((fig, failures))
+        let mut requests = std::mem::take(&mut *self.failures.lock().unwrap());
+        fig.failures_logged = requests.len();
+        // Without the samples the run still stands (figures and attribution); only the
+        // timeline's successful requests are missing, and the table says how many were read.
+        if let Ok(csv) = std::fs::read_to_string(self.cfg.samples_path()) {
+            let oks = ok_records(&csv, &self.clock, requests.len() as u64);
+            fig.ok_samples = oks.len();
+            requests.extend(oks);
+        }
+        requests.sort_by_key(|r| r.start);
+        Ok((fig, requests))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lab::cluster::ms;
 
     #[test]
     fn parses_failure_lines() {
@@ -413,6 +477,27 @@ mod tests {
         let r = parse_failure(0, line, Duration::from_millis(5)).unwrap();
         assert_eq!((r.outcome, r.status, r.frontend_pod), (Outcome::Reset, None, None));
         assert_eq!(r.start, Duration::ZERO);
+    }
+
+    #[test]
+    fn reads_the_successful_requests_from_the_csv_samples() {
+        let clock = Clock::new();
+        let unix_ms = |run_ms: f64| (run_ms - clock.unix_nanos_to_ms(0)) as u64;
+        let header = "metric_name,timestamp,metric_value,check,error,error_code,expected_response,group,method,name,proto,scenario,service,status,subproto,tls_version,url,extra_tags,metadata";
+        let csv = format!(
+            "{header}\n\
+             latency,{},150.000000,,,,,,,,,rollout,,,,,,outcome=ok,\n\
+             latency,{},3.000000,,,,,,,,,rollout,,,,,,outcome=status_502,\n\
+             http_req_duration,{},149.000000,,,,true,,GET,/api/data,HTTP/1.1,rollout,,200,,,http://x/api/data,,\n",
+            unix_ms(1_150.0),
+            unix_ms(1_200.0),
+            unix_ms(1_150.0)
+        );
+        let r = ok_records(&csv, &clock, 10);
+        assert_eq!(r.len(), 1, "only the script's latency samples tagged ok");
+        assert_eq!((r[0].id, r[0].outcome), (10, Outcome::Ok));
+        assert!((ms(r[0].start) - 1_000.0).abs() < 2.0, "{:?}", r[0].start);
+        assert!((ms(r[0].latency) - 150.0).abs() < 0.01);
     }
 
     #[test]

@@ -63,8 +63,9 @@ pub struct RunResult {
     pub timeline: PathBuf,
     pub pods: Vec<Pod>,
     pub events: Vec<Event>,
-    /// For every request with the built-in generator; with `--k6`, only the failed ones k6
-    /// logged (`GRACEFUL-FAILED`), which the attribution explains.
+    /// Every request: from the built-in generator, or with `--k6` the failed ones k6 logged
+    /// (`GRACEFUL-FAILED`, which the attribution explains) and the successful ones from its
+    /// CSV samples.
     pub requests: Vec<RequestRecord>,
     /// k6's own figures when k6 was the load source (`--k6`).
     #[serde(skip_serializing_if = "Option::is_none")]
