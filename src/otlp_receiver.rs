@@ -183,23 +183,21 @@ impl Drop for OtlpReceiver {
 async fn receive(body: web::Bytes, store: web::Data<Store>) -> HttpResponse {
     let len = body.len() as u64;
     let keep = store.lock().unwrap().keep_spans;
-    let (per_service, records) = if keep {
-        match ExportTraceServiceRequest::decode(body) {
-            Ok(req) => {
-                let records = flatten(req);
-                let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
-                for r in &records {
-                    *per_service.entry(r.service_name.clone()).or_default() += 1;
-                }
-                (per_service, records)
+    let decoded = if keep {
+        ExportTraceServiceRequest::decode(body).map(|req| {
+            let records = flatten(req);
+            let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
+            for r in &records {
+                *per_service.entry(r.service_name.clone()).or_default() += 1;
             }
-            Err(e) => return HttpResponse::BadRequest().body(format!("not an OTLP protobuf trace export: {e}")),
-        }
+            (per_service, records)
+        })
     } else {
-        match light::Request::decode(body) {
-            Ok(req) => (light::count(req), Vec::new()),
-            Err(e) => return HttpResponse::BadRequest().body(format!("not an OTLP protobuf trace export: {e}")),
-        }
+        light::Request::decode(body).map(|req| (light::count(req), Vec::new()))
+    };
+    let (per_service, records) = match decoded {
+        Ok(d) => d,
+        Err(e) => return HttpResponse::BadRequest().body(format!("not an OTLP protobuf trace export: {e}")),
     };
     let mut r = store.lock().unwrap();
     r.spans.extend(records);

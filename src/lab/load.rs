@@ -98,6 +98,26 @@ pub struct RequestRecord {
     pub backend_pod: Option<String>,
 }
 
+impl RequestRecord {
+    /// A record with what every source knows; the optional details start empty.
+    pub fn new(id: u64, start: Duration, latency: Duration, outcome: Outcome) -> RequestRecord {
+        RequestRecord {
+            id,
+            start,
+            latency,
+            outcome,
+            status: None,
+            error: None,
+            retries: 0,
+            trace_id: String::new(),
+            local: None,
+            reused: false,
+            frontend_pod: None,
+            backend_pod: None,
+        }
+    }
+}
+
 fn ser_outcome<S: serde::Serializer>(o: &Outcome, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&o.class())
 }
@@ -162,20 +182,7 @@ async fn generate(
         stats.sent.fetch_add(1, Ordering::Relaxed);
         if stats.in_flight.load(Ordering::Relaxed) as usize >= cfg.max_in_flight {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            records.push(RequestRecord {
-                id,
-                start,
-                latency: Duration::ZERO,
-                outcome: Outcome::Overload,
-                status: None,
-                error: None,
-                retries: 0,
-                trace_id: String::new(),
-                local: None,
-                reused: false,
-                frontend_pod: None,
-                backend_pod: None,
-            });
+            records.push(RequestRecord::new(id, start, Duration::ZERO, Outcome::Overload));
         } else {
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let (cfg, pool, proxy, stats, tx, clock) =
@@ -231,20 +238,7 @@ async fn one_request(
 ) -> RequestRecord {
     let trace_id = hex_id(16);
     let traceparent = format!("00-{trace_id}-{}-01", hex_id(8));
-    let mut rec = RequestRecord {
-        id,
-        start,
-        latency: Duration::ZERO,
-        outcome: Outcome::Timeout,
-        status: None,
-        error: None,
-        retries: 0,
-        trace_id,
-        local: None,
-        reused: false,
-        frontend_pod: None,
-        backend_pod: None,
-    };
+    let mut rec = RequestRecord { trace_id, ..RequestRecord::new(id, start, Duration::ZERO, Outcome::Timeout) };
     let deadline = due + cfg.timeout;
     let request = httpc::get(&cfg.host, &cfg.path, &[("traceparent", &traceparent)], false);
     let conn = match take_idle(pool, cfg.pool_idle) {

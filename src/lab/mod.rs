@@ -238,8 +238,8 @@ fn check_expectations(args: &LabArgs, runs: &[RunResult]) -> Result<Vec<Expectat
                         "{} of {} failed; k6 exit {}, thresholds {}",
                         r.summary.failed,
                         r.summary.requests,
-                        k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
-                        if k.thresholds_passed { "passed" } else { "crossed" }
+                        k.exit_text(),
+                        k.thresholds_text()
                     ),
                 ),
                 None => (r.summary.failed == 0, format!("{} of {} failed", r.summary.failed, r.summary.requests)),

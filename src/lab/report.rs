@@ -116,8 +116,9 @@ pub fn summarize(requests: &[RequestRecord], windows: &[RolloutWindow]) -> Summa
     s
 }
 
-/// The run's summary from k6's figures (`--k6`): k6 counted every request, the lab only saw
-/// the failed ones. Outcome classes are k6's (`status_0`, `status_502`, …, `bad_body`).
+/// The run's summary from k6's figures (`--k6`): k6's own count of every request, which holds
+/// even when its CSV samples are missing. Outcome classes are k6's (`status_0`, `status_502`,
+/// …, `bad_body`).
 pub fn summary_from_k6(k: &K6Figures, windows: &[RolloutWindow]) -> Summary {
     let phase_max = |p: &str| k.phases.pointer(&format!("/{p}/latency_ms/max")).and_then(|v| v.as_f64()).unwrap_or(0.0);
     let requests = k.requests as usize;
@@ -195,11 +196,7 @@ pub fn comparison(runs: &[RunResult]) -> Table {
     }
     if with_k6 {
         row("k6 exit / thresholds", &|r| match &r.k6 {
-            Some(k) => format!(
-                "{} / {}",
-                k.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
-                if k.thresholds_passed { "passed" } else { "crossed" }
-            ),
+            Some(k) => format!("{} / {}", k.exit_text(), k.thresholds_text()),
             None => "–".into(),
         });
         row("k6 failures logged", &|r| r.k6.as_ref().map(|k| count(k.failures_logged)).unwrap_or_else(|| "–".into()));
@@ -317,20 +314,7 @@ mod tests {
     use super::*;
 
     fn rec(start_ms: u64, latency_ms: u64, outcome: Outcome) -> RequestRecord {
-        RequestRecord {
-            id: start_ms,
-            start: Duration::from_millis(start_ms),
-            latency: Duration::from_millis(latency_ms),
-            outcome,
-            status: None,
-            error: None,
-            retries: 0,
-            trace_id: String::new(),
-            local: None,
-            reused: false,
-            frontend_pod: None,
-            backend_pod: None,
-        }
+        RequestRecord::new(start_ms, Duration::from_millis(start_ms), Duration::from_millis(latency_ms), outcome)
     }
 
     #[test]

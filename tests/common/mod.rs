@@ -190,3 +190,33 @@ pub fn eventually(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Waits for a child with piped stdout and stderr at most `limit`, killing it past that; returns status, stdout, stderr.
+pub fn wait_bounded(mut child: Child, limit: Duration) -> (ExitStatus, String, String) {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let s = child.wait().unwrap();
+            let (o, e) = (out_t.join().unwrap(), err_t.join().unwrap());
+            panic!("still running after {limit:?} ({s}); stdout:\n{o}\nstderr:\n{e}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, out_t.join().unwrap(), err_t.join().unwrap())
+}
