@@ -182,9 +182,9 @@ fn no_endpoint_means_no_exporter_and_no_trace_ids() {
 fn logs_are_json_lines_carrying_the_trace_id() {
     let rx = receiver();
     let backend = spawn_traced("backend", &[], &traced(&rx, "backend-log"));
-    let frontend = spawn_traced(
+    let mut frontend = spawn_traced(
         "frontend",
-        &["--backend-url", &format!("http://127.0.0.1:{}", 1), "--retry=false"],
+        &["--backend-url", &format!("http://127.0.0.1:{}", 1), "--retry=false", "--drain-delay", "0s"],
         &traced(&rx, "frontend-log"),
     );
     let r = get(frontend.addr, "/api/data").unwrap();
@@ -209,11 +209,21 @@ fn logs_are_json_lines_carrying_the_trace_id() {
     assert_eq!(request["span"]["name"], "HTTP request");
     assert_eq!(attempt["span"]["name"], "upstream attempt");
     assert_eq!(attempt["error.type"], "connection_refused");
-    // The ids are the exported spans' own.
+    // The ids are the exported spans' own. The batch exporter sends every 5 s; a clean stop
+    // flushes it at once.
+    frontend.signal(libc::SIGTERM);
+    assert_eq!(frontend.wait_exit(Duration::from_secs(5)).expect("bounded exit").code(), Some(0));
     let spans = rx.wait_until(Duration::from_secs(5), |s| s.iter().any(|s| s.trace_id == tid && s.kind == 3));
     let client = spans.iter().find(|s| s.trace_id == tid && s.kind == 3).expect("attempt span exported");
     assert_eq!(attempt["span_id"], client.span_id.as_str());
     drop(backend);
+}
+
+/// For tests that read spans while the pods still run: the batch exporter's default 5 s delay
+/// would race their bounded waits.
+fn quick_export(mut env: Vec<(&'static str, String)>) -> Vec<(&'static str, String)> {
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "200".to_string()));
+    env
 }
 
 struct KillOnDrop(std::process::Child);
@@ -238,7 +248,7 @@ fn dead_port() -> u16 {
 fn retries_show_as_numbered_attempts_and_backoff_events() {
     let rx = receiver();
     let port = dead_port();
-    let mut env = traced(&rx, "frontend-retry");
+    let mut env = quick_export(traced(&rx, "frontend-retry"));
     env.extend([
         ("GRACEFUL_UPSTREAM__MAX_ATTEMPTS", "12".to_string()),
         ("GRACEFUL_UPSTREAM__BACKOFF_MIN", "100ms".to_string()),
@@ -252,7 +262,7 @@ fn retries_show_as_numbered_attempts_and_backoff_events() {
     let _backend = KillOnDrop(
         std::process::Command::new(BIN)
             .args(["backend", "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", "127.0.0.1:0"])
-            .envs(traced(&rx, "backend-came-back"))
+            .envs(quick_export(traced(&rx, "backend-came-back")))
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -293,7 +303,7 @@ fn retries_show_as_numbered_attempts_and_backoff_events() {
 fn an_attempt_cut_by_the_deadline_ends_with_its_error_type() {
     let rx = receiver();
     let backend = spawn("backend", &[], &[]);
-    let mut env = traced(&rx, "frontend-deadline");
+    let mut env = quick_export(traced(&rx, "frontend-deadline"));
     env.extend([
         ("GRACEFUL_UPSTREAM__ATTEMPT_TIMEOUT", "5s".to_string()),
         ("GRACEFUL_UPSTREAM__DEADLINE", "300ms".to_string()),
