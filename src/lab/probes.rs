@@ -40,6 +40,7 @@ pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: 
                 .stdout(out.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .stderr(err.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .kill_on_drop(true);
+            super::run_group::join(&mut cmd);
             let mut child = cmd.spawn().map_err(|e| format!("exec {}: {e}", program.display()))?;
             match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(Ok(s)) if s.success() => Ok(()),

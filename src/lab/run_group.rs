@@ -1,0 +1,73 @@
+//! One process group for every child of a lab run, and a guard process that kills that group
+//! when the lab goes away, however it goes (exit, SIGINT/SIGTERM, panic, SIGKILL).
+//!
+//! Why a separate guard: a parent-death signal reaches only direct children, so a hook such as
+//! `sh -c 'sleep 3600'` would leave its `sleep` behind; and a killed lab runs no clean-up code.
+//! The guard (this binary, `lab --run-group-guard`) leads the group, blocks on a pipe from the
+//! lab, and on end-of-file — the kernel closes the pipe when the lab dies — kills the group,
+//! itself included. Children join the group at spawn; their descendants inherit it.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, ChildStdin, ExitCode, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::{Context, Result};
+
+/// The run's process group id (the guard's pid); 0 while no guard runs (e.g. unit tests).
+static GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// The guard of this lab process; dropping it closes the pipe, and the guard kills the group.
+pub struct RunGroup {
+    guard: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl RunGroup {
+    /// Starts the guard as the leader of a new process group.
+    pub fn start(exe: &Path) -> Result<RunGroup> {
+        use std::os::unix::process::CommandExt;
+        let mut guard = std::process::Command::new(exe)
+            .args(["lab", "--run-group-guard"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting the run's process-group guard ({})", exe.display()))?;
+        let pipe = guard.stdin.take();
+        GROUP.store(guard.id() as i32, Ordering::SeqCst);
+        Ok(RunGroup { guard, pipe })
+    }
+}
+
+impl Drop for RunGroup {
+    fn drop(&mut self) {
+        GROUP.store(0, Ordering::SeqCst);
+        drop(self.pipe.take());
+        // The guard kills its group (itself too) as soon as it reads end-of-file.
+        let _ = self.guard.wait();
+    }
+}
+
+/// Puts a child about to be spawned into the run's group (no-op when no guard runs).
+pub fn join(cmd: &mut tokio::process::Command) {
+    let group = GROUP.load(Ordering::SeqCst);
+    if group > 0 {
+        cmd.process_group(group);
+    }
+}
+
+/// The guard's whole life: wait for the lab's end, then kill the group.
+pub fn guard() -> ExitCode {
+    let mut sink = [0u8; 64];
+    let mut stdin = std::io::stdin().lock();
+    // Nothing is ever written: read returns 0 (end-of-file) when the lab's end closes, or an error.
+    while let Ok(n) = stdin.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = rustix::process::kill_current_process_group(rustix::process::Signal::KILL);
+    ExitCode::FAILURE
+}
