@@ -554,6 +554,50 @@ metadata: {name: x}
     }
 
     #[test]
+    fn handlers_and_grace_are_validated_with_the_field_named() {
+        let with_hook = |hook: &str| {
+            SMALL.replace("args: [backend]", &format!("args: [backend]\n        lifecycle: {{preStop: {hook}}}"))
+        };
+        for (text, want) in [
+            (with_hook("{exec: {command: []}}"), "lifecycle.preStop.exec.command is empty"),
+            (with_hook("{}"), "lifecycle.preStop needs exactly one of"),
+            (with_hook("{httpGet: {port: admin}}"), "lifecycle.preStop.httpGet.port `admin`"),
+            (with_hook("{httpGet: {port: 0}}"), "lifecycle.preStop.httpGet.port `0`"),
+            (with_hook("{httpGet: {port: http, host: example.com}}"), "lifecycle.preStop.httpGet.host `example.com`"),
+            (with_hook("{sleep: {seconds: -2}}"), "lifecycle.preStop.sleep.seconds -2"),
+            (
+                SMALL.replace("      containers:", "      terminationGracePeriodSeconds: -1\n      containers:"),
+                "terminationGracePeriodSeconds -1",
+            ),
+        ] {
+            let err = parse("t", &text).unwrap_err().to_string();
+            assert!(err.contains("Deployment/backend") && err.contains(want), "want `{want}` in: {err}");
+        }
+        // A named port of the container is a valid hook port.
+        parse("t", &with_hook("{httpGet: {port: http, path: /prestop}}")).unwrap();
+    }
+
+    #[test]
+    fn host_programs_pass_only_with_the_allowance() {
+        let text =
+            SMALL.replace("args: [backend]", "args: [backend]\n        livenessProbe: {exec: {command: [/bin/true]}}");
+        let err = parse("t", &text).unwrap_err().to_string();
+        assert!(err.contains("livenessProbe.exec.command: `/bin/true`") && err.contains("--allow-host-exec"), "{err}");
+        admit("t", &text, Admission { allow_host_exec: true }).unwrap();
+    }
+
+    #[test]
+    fn nesting_is_bounded_per_document_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(MAX_FLOW_DEPTH + 1), "]".repeat(MAX_FLOW_DEPTH + 1));
+        let err = parse("t", &format!("a: 1\nb: {deep}\n")).unwrap_err().to_string();
+        assert!(err.contains("t: line 2: nested deeper than 64"), "{err}");
+        // Unclosed brackets in one document do not count against the next.
+        let open = "[".repeat(MAX_FLOW_DEPTH);
+        assert!(check_size_and_depth("t", &format!("a: '{open}'\n---\nb: [[1]]\n")).is_ok());
+        assert!(check_size_and_depth("t", &"#".repeat(MAX_MANIFEST_BYTES + 1)).is_err());
+    }
+
+    #[test]
     fn rendered_overlays_parse() {
         for (name, text) in crate::lab::embedded_overlays() {
             let m = parse(name, text).unwrap();

@@ -45,8 +45,16 @@ impl Drop for RunGroup {
     fn drop(&mut self) {
         GROUP.store(0, Ordering::SeqCst);
         drop(self.pipe.take());
-        // The guard kills its group (itself too) as soon as it reads end-of-file.
-        let _ = self.guard.wait();
+        // The guard kills its group (itself too) as soon as it reads end-of-file: wait for that,
+        // bounded, and make sure of it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while matches!(self.guard.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if matches!(self.guard.try_wait(), Ok(None)) {
+            let _ = self.guard.kill();
+            let _ = self.guard.wait();
+        }
     }
 }
 
