@@ -79,3 +79,60 @@ pub fn guard() -> ExitCode {
     let _ = rustix::process::kill_current_process_group(rustix::process::Signal::KILL);
     ExitCode::FAILURE
 }
+
+/// Kills a hook's or probe's process and everything it started, when the kubelet gives up on it
+/// (timeout) or drops it (grace period over): without this a shell's children would run on until
+/// the lab ends. Disarmed once the process has ended by itself.
+pub struct TreeKill {
+    pid: Option<u32>,
+}
+
+impl TreeKill {
+    pub fn new(pid: Option<u32>) -> TreeKill {
+        TreeKill { pid }
+    }
+
+    pub fn disarm(&mut self) {
+        self.pid = None;
+    }
+}
+
+impl Drop for TreeKill {
+    fn drop(&mut self) {
+        if let Some(root) = self.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            // Descendants first, while they are still linked to the root; then the root.
+            for pid in descendants(root.as_raw_pid()).into_iter().chain([root.as_raw_pid()]) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+}
+
+/// Every process below `root`, from /proc's parent links.
+fn descendants(root: i32) -> Vec<i32> {
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after its end.
+        stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let links: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, parent_of(pid)?)))
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in links.iter().filter(|(_, parent)| *parent == p) {
+            if !found.contains(child) {
+                found.push(*child);
+                frontier.push(*child);
+            }
+        }
+    }
+    found
+}
