@@ -122,6 +122,8 @@ fn out_of_range_flags_are_refused_with_the_flag_named() {
         (&["--sweep-lag", "NaN"], "--sweep-lag NaN"),
         (&["--path", "api"], "--path api"),
         (&["--rollouts", "0"], "--rollouts"),
+        (&["--restart", "backend,nope"], "--restart nope: no such Deployment in solution"),
+        (&["--entry", "svc-nope"], "--entry svc-nope: no such Service in solution"),
     ] {
         let started = Instant::now();
         let child = graceful().args(["lab", "--overlay", "solution", "--quiet"]).args(args).spawn().unwrap();
@@ -129,6 +131,7 @@ fn out_of_range_flags_are_refused_with_the_flag_named() {
         assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "want `{want}` in: {stderr}");
         assert!(started.elapsed() < Duration::from_secs(10), "{args:?}: refused before any run");
+        assert!(!stderr.contains("run dir"), "{args:?}: refused before any pod started: {stderr}");
     }
 }
 

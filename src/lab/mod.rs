@@ -322,6 +322,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
     }
     check_flags(&args)?;
     let inputs = load_inputs(&args)?;
+    check_names(&args, &inputs)?;
     // Claims about runs that will not happen are mistakes: say so before minutes of running.
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     let mut claimed: Vec<&String> = args.expect_clean.iter().chain(&args.expect_failures).collect();
@@ -363,6 +364,22 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
             _ = term.recv() => bail!("interrupted (SIGTERM); every pod was killed"),
         }
     })
+}
+
+/// `--entry` and `--restart` name objects every input must have: refused before any pod starts.
+fn check_names(args: &LabArgs, inputs: &[Input]) -> Result<()> {
+    for input in inputs {
+        let m = &input.manifest;
+        let services: Vec<&str> = m.services.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+        if let Some(entry) = args.entry.as_deref().filter(|e| !services.contains(e)) {
+            bail!("--entry {entry}: no such Service in {} (it has {})", input.name, services.join(", "));
+        }
+        let deployments: Vec<&str> = m.deployments.iter().filter_map(|d| d.metadata.name.as_deref()).collect();
+        if let Some(r) = args.restart.iter().find(|r| !deployments.contains(&r.as_str())) {
+            bail!("--restart {r}: no such Deployment in {} (it has {})", input.name, deployments.join(", "));
+        }
+    }
+    Ok(())
 }
 
 /// Flag values that would make a run meaningless or hang, refused before anything starts.
