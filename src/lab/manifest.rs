@@ -113,8 +113,15 @@ fn check_size_and_depth(source: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every program a manifest would have this machine run, with where it is named.
-fn programs(m: &Manifest) -> Vec<(String, String, String)> {
+/// A program a manifest would have this machine run, and where it is named.
+struct NamedProgram {
+    object: String,
+    field: String,
+    program: String,
+}
+
+/// Every program a manifest would have this machine run.
+fn programs(m: &Manifest) -> Vec<NamedProgram> {
     let mut out = Vec::new();
     for d in &m.deployments {
         let id = object_id("Deployment", d.metadata.name.as_deref());
@@ -123,7 +130,11 @@ fn programs(m: &Manifest) -> Vec<(String, String, String)> {
             let at = format!("spec.template.spec.containers[{i}]");
             let mut add = |field: &str, cmd: Option<&Vec<String>>| {
                 if let Some(first) = cmd.and_then(|c| c.first()) {
-                    out.push((id.clone(), format!("{at}.{field}"), first.clone()));
+                    out.push(NamedProgram {
+                        object: id.clone(),
+                        field: format!("{at}.{field}"),
+                        program: first.clone(),
+                    });
                 }
             };
             add("command", c.command.as_ref());
@@ -155,9 +166,11 @@ fn programs(m: &Manifest) -> Vec<(String, String, String)> {
 /// The same rule for a container's command and for every exec hook and probe: only this binary,
 /// unless `--allow-host-exec`.
 fn refuse_host_exec(m: &Manifest) -> Result<()> {
-    if let Some((id, at, program)) = programs(m).into_iter().find(|(_, _, p)| !is_graceful_binary(p)) {
+    if let Some(NamedProgram { object, field, program }) =
+        programs(m).into_iter().find(|p| !is_graceful_binary(&p.program))
+    {
         bail!(
-            "{id}: {at}: `{program}` is not this binary; the lab runs only this project's binary (basename \
+            "{object}: {field}: `{program}` is not this binary; the lab runs only this project's binary (basename \
              `graceful`) unless --allow-host-exec is given"
         );
     }
