@@ -76,7 +76,7 @@ pub fn guard() -> ExitCode {
             break;
         }
     }
-    let _ = rustix::process::kill_current_process_group(rustix::process::Signal::KILL);
+    let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), nix::sys::signal::Signal::SIGKILL);
     ExitCode::FAILURE
 }
 
@@ -99,12 +99,10 @@ impl TreeKill {
 
 impl Drop for TreeKill {
     fn drop(&mut self) {
-        if let Some(root) = self.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        if let Some(root) = self.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
             // Descendants first, while they are still linked to the root; then the root.
-            for pid in descendants(root.as_raw_pid()).into_iter().chain([root.as_raw_pid()]) {
-                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
+            for pid in descendants(root).into_iter().chain([root]) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
