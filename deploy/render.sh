@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Renders every overlay (and the otel stack) into deploy/rendered/.
+# Renders every overlay (and the otel stack in ../otel) into deploy/rendered/.
 #   deploy/render.sh          write deploy/rendered/*.yaml
 #   deploy/render.sh --check  exit 1, naming each file, when a committed render is stale
 # Needs kubectl >= 1.27 (kustomize v5, Components): the one on PATH, or KUBECTL=/path/to/kubectl,
@@ -7,6 +7,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
 out="$here/rendered"
 check=0
 case "${1:-}" in
@@ -29,7 +30,7 @@ targets=(
   "graceful:$here/kustomize/overlays/graceful"
   "solution:$here/kustomize/overlays/solution"
   "task-03:$here/kustomize/overlays/task-03"
-  "otel:$here/otel"
+  "otel:$repo/otel"
 )
 
 header() {
@@ -42,11 +43,11 @@ stale=0
 for t in "${targets[@]}"; do
   name="${t%%:*}"
   dir="${t#*:}"
-  rel="${dir#"$here"/}"
-  { header "deploy/$rel"; render "$dir"; } > "$tmp/$name.yaml"
+  rel="${dir#"$repo"/}"
+  { header "$rel"; render "$dir"; } > "$tmp/$name.yaml"
   if (( check )); then
     if ! cmp -s "$tmp/$name.yaml" "$out/$name.yaml"; then
-      echo "stale: deploy/rendered/$name.yaml differs from a fresh render of deploy/$rel (run deploy/render.sh)" >&2
+      echo "stale: deploy/rendered/$name.yaml differs from a fresh render of $rel (run deploy/render.sh)" >&2
       diff -u "$out/$name.yaml" "$tmp/$name.yaml" 2>&1 | head -40 >&2 || true
       stale=1
     fi

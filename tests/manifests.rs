@@ -578,6 +578,8 @@ fn task_03_meets_its_rubric() {
         let field =
             pod_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("POD_NAME from the Downward API");
         assert_eq!(field.field_path, "metadata.name");
+        // The task's `kubectl delete pod -l app=frontend` (and `app=backend`) must select these pods.
+        assert_eq!(pod_label(d, "app"), Some(name), "{name}: pod label app={name}");
     }
 
     // Services and ports.
@@ -607,6 +609,32 @@ fn task_03_meets_its_rubric() {
     let hook = pre_stop(r.deployment("frontend")).expect("frontend preStop");
     let probe = hook.probe.expect("an exec shutdown-probe, not a sleep");
     assert_eq!(probe.game_over.as_deref(), Some("http://svc-backend:5000/game-over"));
+}
+
+/// The value of a label on a Deployment's pod template.
+fn pod_label<'a>(d: &'a Deployment, key: &str) -> Option<&'a str> {
+    let labels = d.spec.as_ref()?.template.metadata.as_ref()?.labels.as_ref()?;
+    labels.get(key).map(String::as_str)
+}
+
+/// Every app overlay labels each tier `app: backend` / `app: frontend` (pods, Deployment and
+/// Service), and `-l app=<tier>` selects that tier's pods only.
+#[test]
+fn app_labels_select_each_tier() {
+    for overlay in APP_OVERLAYS {
+        let r = load(overlay);
+        for tier in ["backend", "frontend"] {
+            let d = r.deployment(tier);
+            assert_eq!(pod_label(d, "app"), Some(tier), "{overlay}: pods of {tier} lack app={tier}");
+            let meta_app = |labels: Option<&BTreeMap<String, String>>| labels.and_then(|l| l.get("app")).cloned();
+            assert_eq!(meta_app(d.metadata.labels.as_ref()).as_deref(), Some(tier), "{overlay}: Deployment {tier}");
+            let svc = r.service(&format!("svc-{tier}"));
+            assert_eq!(meta_app(svc.metadata.labels.as_ref()).as_deref(), Some(tier), "{overlay}: svc-{tier}");
+            let selected: Vec<&str> =
+                r.deployments.values().filter(|d| pod_label(d, "app") == Some(tier)).map(dname).collect();
+            assert_eq!(selected, [tier], "{overlay}: -l app={tier} selects the pods of {selected:?}");
+        }
+    }
 }
 
 #[test]

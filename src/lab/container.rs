@@ -129,10 +129,7 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
     let vars: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
     // The image's ENTRYPOINT is the graceful binary; `command` replaces it, `args` follow.
-    let mut argv: Vec<String> = match &c.command {
-        Some(cmd) if !cmd.is_empty() => cmd[1..].to_vec(),
-        _ => Vec::new(),
-    };
+    let mut argv: Vec<String> = c.command.iter().flatten().skip(1).cloned().collect();
     argv.extend(c.args.iter().flatten().cloned());
     let mut args: Vec<String> = argv.iter().map(|a| remap_paths(&expand(a, &vars), &mounts)).collect();
     bind_listen_flags(&mut args, ctx.net);
@@ -153,7 +150,7 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
     let grace = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
     let cwd = c.working_dir.as_deref().map(|d| PathBuf::from(remap_paths(d, &mounts))).filter(|p| p.is_dir());
     Ok(ContainerPlan {
-        program: ctx.exe.to_path_buf(),
+        program: program_for(c.command.as_ref().and_then(|cmd| cmd.first()), ctx.exe),
         args,
         env,
         cwd,
@@ -166,6 +163,15 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         named_ports,
         container_ports,
     })
+}
+
+/// The program a command names: this binary for the image's own (`graceful`), else the host's
+/// (admission let it through only with --allow-host-exec).
+fn program_for(first: Option<&String>, exe: &Path) -> PathBuf {
+    match first {
+        Some(p) if !is_graceful_binary(p) => PathBuf::from(p),
+        _ => exe.to_path_buf(),
+    }
 }
 
 /// mountPath → directory (or file, with subPath) under the pod's run directory, longest first.
@@ -550,9 +556,9 @@ fn handler<H: HandlerFields>(
     }
     if let Some(e) = h.exec() {
         let cmd = e.command.clone().unwrap_or_default();
-        let first = cmd.first().cloned().unwrap_or_default();
-        let program = if is_graceful_binary(&first) { ctx.exe.to_path_buf() } else { PathBuf::from(&first) };
-        let args = cmd[1..].iter().map(|a| rewrite_url(&remap_paths(&expand(a, &vars), mounts), ctx)).collect();
+        let first = cmd.first().with_context(|| format!("{}: exec.command is empty", ctx.name))?;
+        let program = program_for(Some(first), ctx.exe);
+        let args = cmd.iter().skip(1).map(|a| rewrite_url(&remap_paths(&expand(a, &vars), mounts), ctx)).collect();
         return Ok(Handler::Exec { program, args });
     }
     if let Some(s) = h.sleep() {

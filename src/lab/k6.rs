@@ -330,7 +330,9 @@ impl K6Run {
         std::fs::write(cfg.run_dir.join("k6-command.txt"), format!("{}\n", cfg.command_line())).ok();
         let _ = std::fs::remove_file(cfg.summary_path());
         let _ = std::fs::remove_file(cfg.samples_path());
-        let mut child = Command::new(&cfg.bin)
+        let mut command = Command::new(&cfg.bin);
+        super::run_group::join(&mut command);
+        let mut child = command
             .args(&args)
             .env(CSV_TIME_FORMAT.0, CSV_TIME_FORMAT.1)
             .current_dir(&cfg.run_dir)

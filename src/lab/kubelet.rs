@@ -124,6 +124,7 @@ fn spawn(plan: &ContainerPlan, log: &std::path::Path) -> std::io::Result<Child> 
     if let Some(dir) = &plan.cwd {
         cmd.current_dir(dir);
     }
+    super::run_group::join(&mut cmd);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child if the lab dies,
     // so no pod outlives a crashed lab.

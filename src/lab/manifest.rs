@@ -8,8 +8,11 @@
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Probe, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ExecAction, HTTPGetAction, LifecycleHandler, PodSpec, Probe, Service,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
@@ -50,8 +53,28 @@ pub fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Objec
     meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
+/// Largest manifest the lab reads (rendered overlays are tens of KB).
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Deepest `[`/`{` nesting accepted. The YAML parser stops at 128 itself, but only after work
+/// that grows with the square of the input (a 200 KB nest took 47 s): refuse it before parsing.
+const MAX_FLOW_DEPTH: usize = 64;
+
+/// What admission allows beyond the lab's fixed subset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Admission {
+    /// Programs of this machine other than this binary in exec hooks, exec probes and
+    /// `containers[].command` (`--allow-host-exec`).
+    pub allow_host_exec: bool,
+}
+
 /// Parses every document of `text`. `source` names the input in errors.
 pub fn parse(source: &str, text: &str) -> Result<Manifest> {
+    admit(source, text, Admission::default())
+}
+
+/// Parses and validates `text` with `admission`'s allowances.
+pub fn admit(source: &str, text: &str, admission: Admission) -> Result<Manifest> {
+    check_size_and_depth(source, text)?;
     let mut m = Manifest { source: source.to_string(), ..Default::default() };
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value =
@@ -59,7 +82,99 @@ pub fn parse(source: &str, text: &str) -> Result<Manifest> {
         add_value(&mut m, value, &format!("{source}: document {}", i + 1))?;
     }
     validate(&m)?;
+    if !admission.allow_host_exec {
+        refuse_host_exec(&m)?;
+    }
     Ok(m)
+}
+
+/// Bounds the input before the YAML parser sees it: its size, and its flow nesting depth
+/// (counted over brackets anywhere; a real manifest never comes near the bound).
+fn check_size_and_depth(source: &str, text: &str) -> Result<()> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        bail!("{source}: larger than {MAX_MANIFEST_BYTES} bytes, the most the lab reads");
+    }
+    let mut depth = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") {
+            depth = 0;
+        }
+        for b in line.bytes() {
+            match b {
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if depth > MAX_FLOW_DEPTH {
+                bail!("{source}: line {}: nested deeper than {MAX_FLOW_DEPTH} levels of [ ] / {{ }}", i + 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A program a manifest would have this machine run, and where it is named.
+struct NamedProgram {
+    object: String,
+    field: String,
+    program: String,
+}
+
+/// Every program a manifest would have this machine run.
+fn programs(m: &Manifest) -> Vec<NamedProgram> {
+    let mut out = Vec::new();
+    for d in &m.deployments {
+        let id = object_id("Deployment", d.metadata.name.as_deref());
+        let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+        for (i, c) in pod.map(|p| p.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+            let at = format!("spec.template.spec.containers[{i}]");
+            let mut add = |field: &str, cmd: Option<&Vec<String>>| {
+                if let Some(first) = cmd.and_then(|c| c.first()) {
+                    out.push(NamedProgram {
+                        object: id.clone(),
+                        field: format!("{at}.{field}"),
+                        program: first.clone(),
+                    });
+                }
+            };
+            add("command", c.command.as_ref());
+            let lc = c.lifecycle.as_ref();
+            for (name, h) in [
+                ("preStop", lc.and_then(|l| l.pre_stop.as_ref())),
+                ("postStart", lc.and_then(|l| l.post_start.as_ref())),
+            ] {
+                add(
+                    &format!("lifecycle.{name}.exec.command"),
+                    h.and_then(|h| h.exec.as_ref()).and_then(|e| e.command.as_ref()),
+                );
+            }
+            for (name, p) in [
+                ("startupProbe", &c.startup_probe),
+                ("readinessProbe", &c.readiness_probe),
+                ("livenessProbe", &c.liveness_probe),
+            ] {
+                add(
+                    &format!("{name}.exec.command"),
+                    p.as_ref().and_then(|p| p.exec.as_ref()).and_then(|e| e.command.as_ref()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The same rule for a container's command and for every exec hook and probe: only this binary,
+/// unless `--allow-host-exec`.
+fn refuse_host_exec(m: &Manifest) -> Result<()> {
+    if let Some(NamedProgram { object, field, program }) =
+        programs(m).into_iter().find(|p| !is_graceful_binary(&p.program))
+    {
+        bail!(
+            "{object}: {field}: `{program}` is not this binary; the lab runs only this project's binary (basename \
+             `graceful`) unless --allow-host-exec is given"
+        );
+    }
+    Ok(())
 }
 
 fn add_value(m: &mut Manifest, value: Value, at: &str) -> Result<()> {
@@ -204,6 +319,9 @@ fn validate_pod(id: &str, pod: &PodSpec, m: &Manifest) -> Result<()> {
     if pod.host_aliases.as_ref().is_some_and(|g| !g.is_empty()) {
         return Err(refuse("hostAliases", "the lab resolves only Service names"));
     }
+    if let Some(s) = pod.termination_grace_period_seconds.filter(|s| *s < 0) {
+        bail!("{id}: {at}.terminationGracePeriodSeconds {s}: must be 0 or more");
+    }
     if pod.restart_policy.as_deref().is_some_and(|p| p != "Always") {
         return Err(refuse("restartPolicy", "a Deployment's pods always use Always"));
     }
@@ -232,28 +350,16 @@ fn validate_container(id: &str, at: &str, c: &Container, pod: &PodSpec) -> Resul
     if c.volume_devices.as_ref().is_some_and(|d| !d.is_empty()) {
         return Err(refuse("volumeDevices", "no block devices in the lab"));
     }
-    if let Some(cmd) = &c.command {
-        let first = cmd.first().map(String::as_str).unwrap_or("");
-        if !is_graceful_binary(first) {
-            return Err(refuse(
-                "command",
-                &format!("`{first}`: the lab runs only this project's binary (basename `graceful`)"),
-            ));
-        }
+    if c.command.as_ref().and_then(|cmd| cmd.first()).is_some_and(|p| p.is_empty()) {
+        bail!("{id}: {at}.command[0] is empty");
     }
     if let Some(lc) = &c.lifecycle {
-        if lc.post_start.is_some() {
-            return Err(refuse("lifecycle.postStart", "not played"));
-        }
         if let Some(h) = &lc.pre_stop {
-            if h.tcp_socket.is_some() {
-                return Err(refuse("lifecycle.preStop.tcpSocket", "deprecated and never run by the kubelet either"));
-            }
-            if let Some(g) = &h.http_get {
-                if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-                    return Err(refuse("lifecycle.preStop.httpGet.scheme", "only HTTP"));
-                }
-            }
+            validate_hook(id, &format!("{at}.lifecycle.preStop"), h, c)?;
+        }
+        if let Some(h) = &lc.post_start {
+            validate_hook(id, &format!("{at}.lifecycle.postStart"), h, c)?;
+            return Err(refuse("lifecycle.postStart", "not played"));
         }
         if let Some(sig) = &lc.stop_signal {
             if crate::lab::kubelet::signal_number(sig).is_none() {
@@ -267,7 +373,7 @@ fn validate_container(id: &str, at: &str, c: &Container, pod: &PodSpec) -> Resul
         ("livenessProbe", &c.liveness_probe),
     ] {
         if let Some(p) = probe {
-            validate_probe(id, &format!("{at}.{name}"), p)?;
+            validate_probe(id, &format!("{at}.{name}"), p, c)?;
         }
     }
     for (i, e) in c.env.iter().flatten().enumerate() {
@@ -301,7 +407,7 @@ fn validate_container(id: &str, at: &str, c: &Container, pod: &PodSpec) -> Resul
     Ok(())
 }
 
-fn validate_probe(id: &str, at: &str, p: &Probe) -> Result<()> {
+fn validate_probe(id: &str, at: &str, p: &Probe, c: &Container) -> Result<()> {
     let handlers = [p.http_get.is_some(), p.tcp_socket.is_some(), p.exec.is_some(), p.grpc.is_some()];
     if handlers.iter().filter(|h| **h).count() != 1 {
         bail!("{id}: {at} needs exactly one of httpGet, tcpSocket, exec, grpc");
@@ -310,15 +416,84 @@ fn validate_probe(id: &str, at: &str, p: &Probe) -> Result<()> {
         bail!("{id}: {at}.grpc is not supported: the lab probes with httpGet, tcpSocket and exec");
     }
     if let Some(g) = &p.http_get {
-        if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
-            bail!("{id}: {at}.httpGet.scheme is not supported: only HTTP");
-        }
+        validate_http_get(id, &format!("{at}.httpGet"), g, c)?;
+    }
+    if let Some(t) = &p.tcp_socket {
+        validate_port(id, &format!("{at}.tcpSocket.port"), &t.port, c)?;
     }
     if let Some(e) = &p.exec {
-        let first = e.command.as_ref().and_then(|c| c.first()).map(String::as_str).unwrap_or("");
-        if first.is_empty() {
-            bail!("{id}: {at}.exec.command is empty");
+        validate_exec(id, &format!("{at}.exec"), e)?;
+    }
+    for (field, value, least) in [
+        ("initialDelaySeconds", p.initial_delay_seconds, 0),
+        ("periodSeconds", p.period_seconds, 1),
+        ("timeoutSeconds", p.timeout_seconds, 1),
+        ("successThreshold", p.success_threshold, 1),
+        ("failureThreshold", p.failure_threshold, 1),
+    ] {
+        if value.is_some_and(|v| v < least) {
+            bail!("{id}: {at}.{field} {}: must be at least {least}", value.unwrap_or_default());
         }
+    }
+    if let Some(s) = p.termination_grace_period_seconds.filter(|s| *s < 1) {
+        bail!("{id}: {at}.terminationGracePeriodSeconds {s}: must be at least 1");
+    }
+    Ok(())
+}
+
+/// A lifecycle hook: exactly one handler, and that one complete.
+fn validate_hook(id: &str, at: &str, h: &LifecycleHandler, c: &Container) -> Result<()> {
+    let set = [h.exec.is_some(), h.http_get.is_some(), h.tcp_socket.is_some(), h.sleep.is_some()];
+    if set.iter().filter(|s| **s).count() != 1 {
+        bail!("{id}: {at} needs exactly one of exec, httpGet, tcpSocket, sleep");
+    }
+    if h.tcp_socket.is_some() {
+        bail!("{id}: {at}.tcpSocket is not supported: deprecated and never run by the kubelet either");
+    }
+    if let Some(e) = &h.exec {
+        validate_exec(id, &format!("{at}.exec"), e)?;
+    }
+    if let Some(g) = &h.http_get {
+        validate_http_get(id, &format!("{at}.httpGet"), g, c)?;
+    }
+    if let Some(s) = h.sleep.as_ref().filter(|s| s.seconds < 0) {
+        bail!("{id}: {at}.sleep.seconds {}: must be 0 or more", s.seconds);
+    }
+    Ok(())
+}
+
+fn validate_exec(id: &str, at: &str, e: &ExecAction) -> Result<()> {
+    if e.command.as_ref().and_then(|c| c.first()).is_none_or(|p| p.is_empty()) {
+        bail!("{id}: {at}.command is empty (it needs a program to run)");
+    }
+    Ok(())
+}
+
+fn validate_http_get(id: &str, at: &str, g: &HTTPGetAction, c: &Container) -> Result<()> {
+    if g.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+        bail!("{id}: {at}.scheme is not supported: only HTTP");
+    }
+    if let Some(host) = g.host.as_deref().filter(|h| !matches!(*h, "" | "localhost" | "127.0.0.1")) {
+        bail!("{id}: {at}.host `{host}` is not supported: the lab reaches the pod itself only");
+    }
+    validate_port(id, &format!("{at}.port"), &g.port, c)
+}
+
+/// A port number in 1–65535, or the name of one of the container's ports.
+fn validate_port(id: &str, at: &str, port: &IntOrString, c: &Container) -> Result<()> {
+    let ok = match port {
+        IntOrString::Int(p) => (1..=65535).contains(p),
+        IntOrString::String(s) => match s.parse::<i32>() {
+            Ok(p) => (1..=65535).contains(&p),
+            Err(_) => c.ports.iter().flatten().any(|cp| cp.name.as_deref() == Some(s.as_str())),
+        },
+    };
+    if !ok {
+        let shown = match port {
+            IntOrString::Int(p) => p.to_string(),
+            IntOrString::String(s) => s.clone(),
+        };
+        bail!("{id}: {at} `{shown}` is neither a port number (1-65535) nor the name of a container port");
     }
     Ok(())
 }
@@ -389,6 +564,50 @@ metadata: {name: x}
         let text = SMALL.replace("args: [backend]", "args: [backend]\n        command: [/bin/sh]");
         let err = parse("t", &text).unwrap_err().to_string();
         assert!(err.contains("containers[0].command"), "{err}");
+    }
+
+    #[test]
+    fn handlers_and_grace_are_validated_with_the_field_named() {
+        let with_hook = |hook: &str| {
+            SMALL.replace("args: [backend]", &format!("args: [backend]\n        lifecycle: {{preStop: {hook}}}"))
+        };
+        for (text, want) in [
+            (with_hook("{exec: {command: []}}"), "lifecycle.preStop.exec.command is empty"),
+            (with_hook("{}"), "lifecycle.preStop needs exactly one of"),
+            (with_hook("{httpGet: {port: admin}}"), "lifecycle.preStop.httpGet.port `admin`"),
+            (with_hook("{httpGet: {port: 0}}"), "lifecycle.preStop.httpGet.port `0`"),
+            (with_hook("{httpGet: {port: http, host: example.com}}"), "lifecycle.preStop.httpGet.host `example.com`"),
+            (with_hook("{sleep: {seconds: -2}}"), "lifecycle.preStop.sleep.seconds -2"),
+            (
+                SMALL.replace("      containers:", "      terminationGracePeriodSeconds: -1\n      containers:"),
+                "terminationGracePeriodSeconds -1",
+            ),
+        ] {
+            let err = parse("t", &text).unwrap_err().to_string();
+            assert!(err.contains("Deployment/backend") && err.contains(want), "want `{want}` in: {err}");
+        }
+        // A named port of the container is a valid hook port.
+        parse("t", &with_hook("{httpGet: {port: http, path: /prestop}}")).unwrap();
+    }
+
+    #[test]
+    fn host_programs_pass_only_with_the_allowance() {
+        let text =
+            SMALL.replace("args: [backend]", "args: [backend]\n        livenessProbe: {exec: {command: [/bin/true]}}");
+        let err = parse("t", &text).unwrap_err().to_string();
+        assert!(err.contains("livenessProbe.exec.command: `/bin/true`") && err.contains("--allow-host-exec"), "{err}");
+        admit("t", &text, Admission { allow_host_exec: true }).unwrap();
+    }
+
+    #[test]
+    fn nesting_is_bounded_per_document_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(MAX_FLOW_DEPTH + 1), "]".repeat(MAX_FLOW_DEPTH + 1));
+        let err = parse("t", &format!("a: 1\nb: {deep}\n")).unwrap_err().to_string();
+        assert!(err.contains("t: line 2: nested deeper than 64"), "{err}");
+        // Unclosed brackets in one document do not count against the next.
+        let open = "[".repeat(MAX_FLOW_DEPTH);
+        assert!(check_size_and_depth("t", &format!("a: '{open}'\n---\nb: [[1]]\n")).is_ok());
+        assert!(check_size_and_depth("t", &"#".repeat(MAX_MANIFEST_BYTES + 1)).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod pods;
 pub mod probes;
 pub mod progress;
 pub mod report;
+pub mod run_group;
 pub mod scenario;
 pub mod service_proxy;
 pub mod timeline;
@@ -59,7 +60,8 @@ pub enum Profile {
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 By default both embedded overlays run, problem then solution, and the comparison is printed.
-Exit status: 0, or 1 when an --expect… claim does not hold. See docs/lab.md.
+Exit status: 0, 1 when an --expect… claim does not hold, 2 on bad flags or manifests or when interrupted
+(SIGINT, SIGTERM). See docs/lab.md.
 
 Examples:
   graceful lab
@@ -154,6 +156,13 @@ pub struct LabArgs {
     /// No progress line (one line per finished run remains, on stderr).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Let exec hooks, exec probes and `containers[].command` run programs of this machine other
+    /// than this binary (refused by default: a manifest you did not write could run anything).
+    #[arg(long)]
+    pub allow_host_exec: bool,
+    /// Internal: the guard that kills the run's process group when the lab ends (see run_group).
+    #[arg(long, hide = true)]
+    pub run_group_guard: bool,
 }
 
 struct Input {
@@ -162,6 +171,7 @@ struct Input {
 }
 
 fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
+    let admission = manifest::Admission { allow_host_exec: args.allow_host_exec };
     let mut out = Vec::new();
     let embedded = embedded_overlays();
     let wanted: Vec<String> = if args.overlay.is_empty() && args.files.is_empty() {
@@ -174,22 +184,26 @@ fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
             let names: Vec<&str> = embedded.iter().map(|(n, _)| *n).collect();
             format!("--overlay {name}: not embedded (embedded: {}); use -f FILE", names.join(", "))
         })?;
-        out.push(Input { name: name.clone(), manifest: manifest::parse(name, text)? });
+        out.push(Input { name: name.clone(), manifest: manifest::admit(name, text, admission)? });
     }
     for f in &args.files {
         let (name, text) = if f == "-" {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("reading the manifest from stdin")?;
+            // One byte over the bound is enough for admission to name the excess.
+            std::io::stdin()
+                .take(manifest::MAX_MANIFEST_BYTES as u64 + 1)
+                .read_to_string(&mut s)
+                .context("reading the manifest from stdin")?;
             ("stdin".to_string(), s)
         } else {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?;
+            let text = read_bounded(f)?;
             let stem = std::path::Path::new(f)
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| f.clone());
             (stem, text)
         };
-        out.push(Input { manifest: manifest::parse(&name, &text)?, name });
+        out.push(Input { manifest: manifest::admit(&name, &text, admission)?, name });
     }
     let mut seen = std::collections::HashMap::new();
     for i in &mut out {
@@ -200,6 +214,16 @@ fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
         }
     }
     Ok(out)
+}
+
+/// Reads a manifest file, refusing one larger than admission's bound before reading it all.
+fn read_bounded(f: &str) -> Result<String> {
+    let file = std::fs::File::open(f).with_context(|| format!("reading {f}"))?;
+    let mut text = String::new();
+    file.take(manifest::MAX_MANIFEST_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {f}"))?;
+    Ok(text)
 }
 
 #[derive(Debug, Serialize)]
@@ -286,6 +310,9 @@ fn check_expectations(args: &LabArgs, runs: &[RunResult]) -> Result<Vec<Expectat
 }
 
 pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
+    if args.run_group_guard {
+        return Ok(run_group::guard());
+    }
     if let Some(c) = config {
         eprintln!(
             "note: {} ({}) is not used by the lab: its pods read their configuration from the manifests",
@@ -293,13 +320,9 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
             c.via
         );
     }
-    if args.rollouts == 0 {
-        bail!("--rollouts must be at least 1");
-    }
-    if args.rate.is_some_and(|r| !(r > 0.0 && r <= 5000.0)) {
-        bail!("--rate must be in (0, 5000]");
-    }
+    check_flags(&args)?;
     let inputs = load_inputs(&args)?;
+    check_names(&args, &inputs)?;
     // Claims about runs that will not happen are mistakes: say so before minutes of running.
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     let mut claimed: Vec<&String> = args.expect_clean.iter().chain(&args.expect_failures).collect();
@@ -321,6 +344,10 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         None => None,
     };
     raise_fd_limit();
+    // Declared before the runtime so it drops after it: the pods are killed first, then the
+    // guard kills whatever of the run's process group is left (a hook's own children).
+    let exe = std::env::current_exe().context("locating this binary (the pods run it)")?;
+    let _group = run_group::RunGroup::start(&exe)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -328,11 +355,65 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         .build()
         .context("starting the lab's runtime")?;
     rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // SIGTERM (a CI runner's cancel, `kill`) takes the same path as Ctrl-C.
+        let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         tokio::select! {
             r = run_all(&args, inputs, k6) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; every pod was killed"),
+            _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); every pod was killed"),
+            _ = term.recv() => bail!("interrupted (SIGTERM); every pod was killed"),
         }
     })
+}
+
+/// `--entry` and `--restart` name objects every input must have: refused before any pod starts.
+fn check_names(args: &LabArgs, inputs: &[Input]) -> Result<()> {
+    for input in inputs {
+        let m = &input.manifest;
+        let services: Vec<&str> = m.services.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+        if let Some(entry) = args.entry.as_deref().filter(|e| !services.contains(e)) {
+            bail!("--entry {entry}: no such Service in {} (it has {})", input.name, services.join(", "));
+        }
+        let deployments: Vec<&str> = m.deployments.iter().filter_map(|d| d.metadata.name.as_deref()).collect();
+        if let Some(r) = args.restart.iter().find(|r| !deployments.contains(&r.as_str())) {
+            bail!("--restart {r}: no such Deployment in {} (it has {})", input.name, deployments.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Flag values that would make a run meaningless or hang, refused before anything starts.
+fn check_flags(args: &LabArgs) -> Result<()> {
+    if args.rollouts == 0 {
+        bail!("--rollouts must be at least 1");
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r <= 5000.0)) {
+        bail!("--rate must be in (0, 5000]");
+    }
+    if Duration::from(args.timeout).is_zero() {
+        bail!("--timeout {}: must be more than 0 (every request would fail)", args.timeout);
+    }
+    if args.max_in_flight == 0 {
+        bail!("--max-in-flight 0: must be at least 1 (every request would count as overload)");
+    }
+    if let Some(p) = args.expect_attributed {
+        if !(0.0..=100.0).contains(&p) {
+            bail!("--expect-attributed {p}: a percentage, 0 to 100");
+        }
+    }
+    if let Some(s) = args.sweep_lag.iter().find(|s| !(s.is_finite() && **s >= 0.0 && **s <= 600.0)) {
+        bail!("--sweep-lag {s}: each lag is in seconds, 0 to 600");
+    }
+    if Duration::from(args.endpoint_lag) > Duration::from_secs(600) {
+        bail!("--endpoint-lag {}: at most 10m", args.endpoint_lag);
+    }
+    if args.k6_rollout.is_some_and(|d| Duration::from(d).is_zero()) {
+        bail!("--k6-rollout 0s: k6's rollout phase must last more than 0");
+    }
+    if !args.path.starts_with('/') {
+        bail!("--path {}: must start with `/`", args.path);
+    }
+    Ok(())
 }
 
 /// Hung connections (a gone pod's address) pile up for seconds at 200 req/s, each holding a client

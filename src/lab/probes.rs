@@ -40,12 +40,20 @@ pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: 
                 .stdout(out.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .stderr(err.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .kill_on_drop(true);
+            super::run_group::join(&mut cmd);
             let mut child = cmd.spawn().map_err(|e| format!("exec {}: {e}", program.display()))?;
-            match tokio::time::timeout(timeout, child.wait()).await {
+            // Declared after `child`, so dropped before it: the tree goes while its root is alive.
+            let mut tree = super::run_group::TreeKill::new(child.id());
+            let outcome = tokio::time::timeout(timeout, child.wait()).await;
+            if outcome.is_ok() {
+                tree.disarm();
+            }
+            match outcome {
                 Ok(Ok(s)) if s.success() => Ok(()),
                 Ok(Ok(s)) => Err(format!("exec {} {}: {s}", program.display(), args.join(" "))),
                 Ok(Err(e)) => Err(format!("exec {}: {e}", program.display())),
                 Err(_) => {
+                    drop(tree);
                     let _ = child.kill().await;
                     Err(format!("exec {}: timed out after {timeout:?}", program.display()))
                 }
@@ -136,5 +144,53 @@ mod tests {
         assert!(run(&tcp, t, &env, &log).await.is_ok());
         drop(l);
         assert!(run(&tcp, t, &env, &log).await.is_err());
+    }
+
+    /// Live processes whose command line is exactly `argv`.
+    fn running(argv: &[&str]) -> usize {
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+            .count()
+    }
+
+    async fn gone_within(argv: &[&str], limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while running(argv) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running(argv) == 0
+    }
+
+    /// A hook's own children go with it, whether it times out or the kubelet drops it.
+    #[tokio::test]
+    async fn an_exec_that_times_out_or_is_dropped_takes_its_children_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_default())];
+        for (i, drop_it) in [false, true].into_iter().enumerate() {
+            let seconds = format!("3600.{}{i}", std::process::id());
+            let script = format!("sleep {seconds}; true");
+            let h = Handler::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), script] };
+            let started = tokio::time::Instant::now();
+            let exec = run(&h, Duration::from_millis(if drop_it { 60_000 } else { 500 }), &env, &log);
+            let waiting = tokio::spawn(async move {
+                while running(&["sleep", &seconds]) == 0 && started.elapsed() < Duration::from_secs(5) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                running(&["sleep", &seconds]) > 0
+            });
+            if drop_it {
+                // The kubelet drops a preStop whose grace period ran out.
+                assert!(tokio::time::timeout(Duration::from_millis(500), exec).await.is_err());
+            } else {
+                assert!(exec.await.unwrap_err().contains("timed out"));
+            }
+            assert!(waiting.await.unwrap(), "the hook's sleep ran (drop: {drop_it})");
+            let seconds = format!("3600.{}{i}", std::process::id());
+            assert!(gone_within(&["sleep", &seconds], Duration::from_secs(5)).await, "drop: {drop_it}");
+        }
     }
 }
