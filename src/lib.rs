@@ -2,14 +2,17 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod early_signals;
 pub mod frontend;
 pub mod identity;
 pub mod lab;
 pub mod lifecycle;
+pub mod listener;
 pub mod log_format;
 pub mod metrics;
 pub mod otlp_receiver;
 pub mod probe;
+pub mod request_bounds;
 pub mod server;
 pub mod startup;
 pub mod telemetry;

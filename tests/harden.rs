@@ -4,11 +4,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -119,4 +119,186 @@ fn retry_on_decides_which_statuses_are_retried() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["retries"], 1);
     assert_eq!(seen.load(Ordering::SeqCst), 2);
+}
+
+fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = get(admin, "/metrics").ok()?.body;
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a_request_cut_at_shutdown_timeout_exits_one_and_is_named() {
+    for _ in 0..3 {
+        let mut backend = spawn("backend", &["--drain-delay", "100ms", "--shutdown-timeout", "1s"], &[]);
+        let addr = backend.addr;
+        let slow = std::thread::spawn(move || get(addr, "/api/data?work_ms=4000"));
+        std::thread::sleep(Duration::from_millis(150));
+        backend.signal(libc::SIGTERM);
+        let status = backend.wait_exit(Duration::from_secs(4)).expect("exits at the bound");
+        assert_eq!(status.code(), Some(1), "{}", backend.log_text());
+        let logs = backend.log_text();
+        assert!(logs.contains("shutdown_timeout reached") && logs.contains("GET /api/data?work_ms=4000"), "{logs}");
+        assert!(slow.join().unwrap().is_err(), "the cut request got no answer");
+    }
+}
+
+/// The inner process of `unshare --pid --fork`, found as soon as it exists.
+fn pid_one_child(wrapper: u32) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children")) {
+            if let Some(pid) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                return Some(pid);
+            }
+        }
+        std::hint::spin_loop();
+    }
+    None
+}
+
+/// True once the process catches SIGTERM (its `SigCgt` mask in /proc has bit 15).
+fn catches_sigterm(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(mask, 16).is_ok_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// A SIGTERM that lands as soon as the binary can catch it, long before it serves: as PID 1 it
+/// must end the process at once with 143 (before the fix it was discarded, or started a full drain
+/// once the handlers existed at the end of start-up).
+#[test]
+fn an_early_sigterm_as_pid_one_exits_143_at_once() {
+    for _ in 0..5 {
+        let child = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "--mount-proc", BIN, "backend"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("GRACEFUL_TELEMETRY__LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let inner = pid_one_child(child.id()).expect("unshare forked");
+        let t = Instant::now();
+        while !catches_sigterm(inner) && t.elapsed() < Duration::from_secs(2) {
+            std::hint::spin_loop();
+        }
+        unsafe { libc::kill(inner, libc::SIGTERM) };
+        let (status, out, err) = wait_bounded(child, Duration::from_secs(8));
+        assert_eq!(status.code(), Some(143), "{out} {err}");
+        assert!(!out.contains("\"message\":\"serving\""), "it served first: {out}");
+    }
+}
+
+#[test]
+fn a_body_that_stops_arriving_gets_408_and_does_not_hold_the_drain() {
+    let mut backend = spawn(
+        "backend",
+        &["--drain-delay", "100ms", "--shutdown-timeout", "10s"],
+        &[("GRACEFUL_SERVER__BODY_READ_TIMEOUT", "500ms")],
+    );
+    let mut s = connect(backend.addr).unwrap();
+    s.write_all(b"POST /game-over HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"").unwrap();
+    let t0 = Instant::now();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // read_to_string returned: the server closed the connection.
+    // At SIGTERM, a slow sender holds the drain only for the body bound, not shutdown_timeout.
+    let mut slow = connect(backend.addr).unwrap();
+    slow.write_all(b"POST /api/data HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nab").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    backend.signal(libc::SIGTERM);
+    let status = backend.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", backend.log_text());
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn work_stops_when_the_client_hangs_up() {
+    let backend = spawn("backend", &[], &[]);
+    let mut s = connect(backend.addr).unwrap();
+    s.write_all(b"GET /api/data?work_ms=10000 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || metric(backend.admin, "graceful_http_requests_in_flight") == Some(1.0))
+    );
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(1), || metric(backend.admin, "graceful_http_requests_in_flight") == Some(0.0)),
+        "the abandoned request is still running: {}",
+        backend.log_text()
+    );
+    assert!(backend.log_text().contains("client disconnected"));
+}
+
+#[test]
+fn no_backend_attempt_outlives_the_frontends_504() {
+    let backend = spawn("backend", &[], &[]);
+    let frontend = spawn(
+        "frontend",
+        &["--backend-url", &format!("http://{}", backend.addr)],
+        &[("GRACEFUL_UPSTREAM__ATTEMPT_TIMEOUT", "200ms"), ("GRACEFUL_UPSTREAM__DEADLINE", "700ms")],
+    );
+    let r = get(frontend.addr, "/api/data?work_ms=10000").unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        eventually(Duration::from_millis(500), || metric(backend.admin, "graceful_http_requests_in_flight")
+            == Some(0.0)),
+        "backend attempts still running after the 504: {:?}",
+        metric(backend.admin, "graceful_http_requests_in_flight")
+    );
+}
+
+#[test]
+fn a_lone_prestop_ends_and_the_pod_serves_again() {
+    let backend = spawn("backend", &["--drain-delay", "200ms"], &[("GRACEFUL_SHUTDOWN__PRESTOP_TIMEOUT", "1s")]);
+    assert_eq!(get(backend.admin, "/prestop").unwrap().status, 200);
+    assert_eq!(get(backend.addr, "/readyz").unwrap().status, 503);
+    assert!(
+        eventually(Duration::from_secs(3), || get(backend.addr, "/readyz").map(|r| r.status).ok() == Some(200)),
+        "still draining: {}",
+        backend.log_text()
+    );
+    assert!(backend.log_text().contains("prestop_expired"), "{}", backend.log_text());
+}
+
+#[test]
+fn sighup_and_sigusr1_do_not_kill() {
+    let mut backend = spawn("backend", &[], &[]);
+    backend.signal(libc::SIGHUP);
+    backend.signal(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(backend.child.try_wait().unwrap().is_none(), "{}", backend.log_text());
+    assert_eq!(get(backend.addr, "/readyz").unwrap().status, 200);
+    assert!(backend.log_text().contains("SIGHUP ignored"));
+}
+
+#[test]
+fn malformed_requests_cannot_flood_the_log() {
+    let backend = spawn("backend", &[], &[]);
+    for _ in 0..40 {
+        let mut s = connect(backend.addr).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let errors = backend.logs.lock().unwrap().iter().filter(|l| l.contains("\"target\":\"actix_http")).count();
+    let sample = backend.logs.lock().unwrap().iter().find(|l| l.contains("actix_http")).cloned();
+    assert!(errors <= 2, "{errors} actix_http lines for 40 bad requests: {sample:?}");
+}
+
+#[test]
+fn admin_livez_answers_when_the_public_listener_is_flooded() {
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=256:256", BIN]);
+    let backend = spawn_with(cmd, "backend", &[], &[]);
+    let idle: Vec<TcpStream> = (0..600).filter_map(|_| TcpStream::connect(backend.addr).ok()).collect();
+    assert!(idle.len() >= 300, "{}", idle.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = TcpStream::connect_timeout(&backend.admin, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let r = request(&mut s, "GET", "/livez", "").expect("admin /livez answers");
+    assert_eq!(r.status, 200);
 }
