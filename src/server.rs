@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::early_signals::{self, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::identity::Identity;
 use crate::lifecycle::{DrainTrigger, Lifecycle, Phase};
-use crate::listener::{self, PublicListener};
+use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
 use crate::telemetry::{self, RequestSpan};
@@ -52,6 +52,8 @@ pub struct Ctx {
     connections: Arc<AtomicUsize>,
     /// Accepted public connections whose first request has not started yet.
     unread: Arc<AtomicUsize>,
+    /// The listener's close-time marker connections (see `listener`).
+    markers: Arc<Markers>,
     /// Covers the life of the process; events mark each step of termination.
     lifecycle_span: Mutex<Option<Span>>,
 }
@@ -74,6 +76,7 @@ impl Ctx {
             lifecycle: Lifecycle::new(),
             connections: Arc::default(),
             unread: Arc::default(),
+            markers: Arc::default(),
             lifecycle_span: Mutex::new(Some(lifecycle_span)),
         })
     }
@@ -394,7 +397,7 @@ where
     let ours = cfg.shutdown.shutdown_timeout;
     let actix_secs = (ours + ACTIX_STOP_MARGIN).as_secs_f64().ceil() as u64;
     let app_ctx = ctx.clone();
-    let (connections, unread) = (ctx.connections.clone(), ctx.unread.clone());
+    let (connections, unread, markers) = (ctx.connections.clone(), ctx.unread.clone(), ctx.markers.clone());
     let public = HttpServer::new(move || {
         App::new()
             .app_data(app_ctx.clone())
@@ -409,8 +412,12 @@ where
     .shutdown_timeout(actix_secs)
     .disable_signals()
     .on_connect(move |conn, ext: &mut Extensions| {
+        let tcp = conn.downcast_ref::<actix_web::rt::net::TcpStream>();
+        if markers.opened(|| tcp.and_then(|t| t.peer_addr().ok())) {
+            return; // our own marker: served by nobody, closed by us
+        }
         ext.insert(ConnectionGuard::open(&connections, &unread));
-        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Some(tcp) = tcp {
             ext.insert(PeerSocket(tcp.as_raw_fd()));
         }
     });
@@ -479,7 +486,7 @@ where
     //    requests finish; idle keep-alive connections are closed.
     ctx.set_phase(Phase::Stopping);
     let deadline = tokio::time::Instant::now() + ours;
-    close_public_listener(&ctx, public_socket, &public_handle, ours).await;
+    close_public_listener(&ctx, public_socket, &public_handle).await;
     ctx.event("listener_closed", Some(ctx.lifecycle.in_flight()));
     // Our own count, not actix's stop future: actix re-checks open connections only once a second.
     let left_open = tokio::select! {
@@ -535,12 +542,8 @@ async fn serve_until_signal(ctx: &Ctx, signals: &mut Signals) -> DrainTrigger {
 
 /// Makes the kernel stop queueing new connections, waits (bounded) until actix has taken every
 /// queued one and started reading it, then lets actix close the socket.
-async fn close_public_listener(ctx: &Ctx, socket: PublicListener, handle: &ServerHandle, bound: Duration) {
-    if let Err(e) = socket.refuse_new() {
-        tracing::warn!(error = %e, "cannot filter the listener; closing it directly");
-    }
-    let wait = bound.min(listener::SILENT_CONNECTION_BOUND);
-    let (queued, silent) = socket.wait_handed_over(&ctx.unread, wait).await;
+async fn close_public_listener(ctx: &Ctx, socket: PublicListener, handle: &ServerHandle) {
+    let (queued, silent) = socket.hand_over(&ctx.markers, ctx.config.server.workers, &ctx.unread).await;
     if queued > 0 || silent > 0 {
         tracing::info!(queued, silent, "closing the listener with connections that sent no request");
     }

@@ -3,7 +3,7 @@
 //! listener; a request that connected and got no response is lost.
 //!
 //! `cargo test --test listener_close -- --ignored --nocapture` runs the 200-round loop and prints
-//! counts; `GRACEFUL_BIN=/path/to/graceful` points it at another build (to compare), `ROUNDS=n` changes the count.
+//! counts; `LISTENER_CLOSE_BIN=/path/to/graceful` points it at another build (to compare), `ROUNDS=n` changes the count.
 
 mod common;
 
@@ -30,12 +30,21 @@ struct Round {
 fn one(addr: SocketAddr) -> Option<bool> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    if s.write_all(b"GET /api/data?work_ms=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").is_err() {
+    if let Err(e) = s.write_all(b"GET /api/data?work_ms=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") {
+        eprintln!("lost: write {e}");
         return Some(false);
     }
     let mut text = Vec::new();
-    let _ = s.read_to_end(&mut text);
-    Some(text.starts_with(b"HTTP/1.1 200"))
+    let read = s.read_to_end(&mut text);
+    let ok = text.starts_with(b"HTTP/1.1 200");
+    if !ok {
+        eprintln!(
+            "lost: read {read:?}, {} bytes: {:?}",
+            text.len(),
+            String::from_utf8_lossy(&text[..text.len().min(40)])
+        );
+    }
+    Some(ok)
 }
 
 fn round(bin: &str) -> Round {
@@ -89,7 +98,7 @@ fn no_request_is_lost_when_the_listener_closes() {
 #[test]
 #[ignore = "200 rounds (~3 min): run by hand to measure"]
 fn listener_close_loop_200() {
-    let bin = std::env::var("GRACEFUL_BIN").unwrap_or_else(|_| BIN.to_string());
+    let bin = std::env::var("LISTENER_CLOSE_BIN").unwrap_or_else(|_| BIN.to_string());
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(200);
     let (mut bad_rounds, mut lost, mut served) = (0, 0, 0);
     for i in 0..rounds {
