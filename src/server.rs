@@ -493,13 +493,14 @@ where
         left = wait_for_zero(&ctx.connections, deadline.saturating_duration_since(tokio::time::Instant::now())) => left,
         second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
     };
-    let dropped = if left_open > 0 { drop_the_rest(&ctx, &public_handle, left_open).await } else { 0 };
-    let left = ctx.lifecycle.in_flight();
+    // What was still running at the deadline, counted before the forced close ends it.
+    let left =
+        if left_open > 0 { drop_the_rest(&ctx, &public_handle, left_open).await } else { ctx.lifecycle.in_flight() };
     ctx.event("drained", Some(left));
     let admin_stop = admin_handle.clone();
     actix_web::rt::spawn(async move { admin_stop.stop(false).await });
     ctx.set_phase(Phase::Stopped);
-    ctx.event("exit", Some(dropped));
+    ctx.event("exit", Some(left));
     if left_open > 0 {
         ExitCode::FAILURE
     } else {

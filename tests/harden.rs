@@ -138,6 +138,9 @@ fn a_request_cut_at_shutdown_timeout_exits_one_and_is_named() {
         assert_eq!(status.code(), Some(1), "{}", backend.log_text());
         let logs = backend.log_text();
         assert!(logs.contains("shutdown_timeout reached") && logs.contains("GET /api/data?work_ms=4000"), "{logs}");
+        let drained = backend.logs.lock().unwrap().iter().find(|l| l.contains("\"message\":\"drained\"")).cloned();
+        let drained: serde_json::Value = serde_json::from_str(&drained.expect("a drained event")).unwrap();
+        assert_eq!(drained["in_flight"], 1, "the drained event counts what was cut: {drained}");
         assert!(slow.join().unwrap().is_err(), "the cut request got no answer");
     }
 }
