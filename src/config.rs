@@ -424,7 +424,7 @@ pub const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
 
 /// The documented range of every integer key.
 pub const INTEGER_RANGES: &[(&str, usize, usize)] =
-    &[("server.workers", 1, 64), ("backend.game_over_body_limit", 1, 1024 * 1024), ("upstream.max_attempts", 1, 10)];
+    &[("server.workers", 1, 64), ("backend.game_over_body_limit", 1, 1024 * 1024), ("upstream.max_attempts", 1, 20)];
 
 fn duration_of(c: &Config, key: &str) -> Option<Duration> {
     Some(match key {

@@ -162,7 +162,7 @@ fn out_of_range_values_are_refused_at_load() {
             &[],
             &["shutdown.shutdown_timeout", "--shutdown-timeout", "10m"],
         ),
-        (&["config"], &[("GRACEFUL_UPSTREAM__MAX_ATTEMPTS", "1000")], &["upstream.max_attempts", "1 to 10"]),
+        (&["config"], &[("GRACEFUL_UPSTREAM__MAX_ATTEMPTS", "1000")], &["upstream.max_attempts", "1 to 20"]),
         (&["config"], &[("GRACEFUL_BACKEND__GAME_OVER_BODY_LIMIT", "0")], &["backend.game_over_body_limit"]),
         (&["config"], &[("GRACEFUL_BACKEND__WORK_MAX", "2h")], &["backend.work_max", "1m"]),
         (&["config"], &[("GRACEFUL_SERVER__BODY_READ_TIMEOUT", "0s")], &["server.body_read_timeout"]),
