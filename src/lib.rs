@@ -9,6 +9,7 @@ pub mod lab;
 pub mod lifecycle;
 pub mod listener;
 pub mod log_format;
+pub mod memory;
 pub mod metrics;
 pub mod otlp_receiver;
 pub mod probe;

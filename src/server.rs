@@ -50,6 +50,8 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// Open connections on the public listener (idle keep-alive ones included).
     connections: Arc<AtomicUsize>,
+    /// High-water mark of `connections` since the last heap trim (see `memory`).
+    connections_peak: Arc<AtomicUsize>,
     /// Accepted public connections whose first request has not started yet.
     unread: Arc<AtomicUsize>,
     /// The listener's close-time marker connections (see `listener`).
@@ -75,6 +77,7 @@ impl Ctx {
             identity,
             lifecycle: Lifecycle::new(),
             connections: Arc::default(),
+            connections_peak: Arc::default(),
             unread: Arc::default(),
             markers: Arc::default(),
             lifecycle_span: Mutex::new(Some(lifecycle_span)),
@@ -131,8 +134,9 @@ struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    fn open(open: &Arc<AtomicUsize>, unread: &Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::SeqCst);
+    fn open(open: &Arc<AtomicUsize>, peak: &AtomicUsize, unread: &Arc<AtomicUsize>) -> Self {
+        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+        peak.fetch_max(now, Ordering::Relaxed);
         unread.fetch_add(1, Ordering::SeqCst);
         ConnectionGuard { open: open.clone(), unread: unread.clone(), started: AtomicBool::new(false) }
     }
@@ -398,6 +402,7 @@ where
     let actix_secs = (ours + ACTIX_STOP_MARGIN).as_secs_f64().ceil() as u64;
     let app_ctx = ctx.clone();
     let (connections, unread, markers) = (ctx.connections.clone(), ctx.unread.clone(), ctx.markers.clone());
+    let peak = ctx.connections_peak.clone();
     let public = HttpServer::new(move || {
         App::new()
             .app_data(app_ctx.clone())
@@ -416,7 +421,7 @@ where
         if markers.opened(|| tcp.and_then(|t| t.peer_addr().ok())) {
             return; // our own marker: served by nobody, closed by us
         }
-        ext.insert(ConnectionGuard::open(&connections, &unread));
+        ext.insert(ConnectionGuard::open(&connections, &peak, &unread));
         if let Some(tcp) = tcp {
             ext.insert(PeerSocket(tcp.as_raw_fd()));
         }
@@ -452,6 +457,8 @@ where
     let admin_handle = admin.handle();
     actix_web::rt::spawn(public);
     actix_web::rt::spawn(admin);
+    let (open, peak) = (ctx.connections.clone(), ctx.connections_peak.clone());
+    actix_web::rt::spawn(async move { crate::memory::trim_after_floods(&open, &peak).await });
     ctx.set_phase(Phase::Serving);
     tracing::info!(
         role = ctx.role,

@@ -305,3 +305,39 @@ fn admin_livez_answers_when_the_public_listener_is_flooded() {
     let r = request(&mut s, "GET", "/livez", "").expect("admin /livez answers");
     assert_eq!(r.status, 200);
 }
+
+fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    kb / 1024
+}
+
+/// Memory a connection flood took is given back once the flood is over (glibc kept all of it).
+#[test]
+fn memory_taken_by_a_connection_flood_is_given_back() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(20_000);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let n = (lim.rlim_cur as usize).saturating_sub(200).min(4000);
+    let backend = spawn("backend", &[], &[]);
+    let start = rss_mib(backend.pid());
+    let mut conns: Vec<TcpStream> = (0..n).filter_map(|_| TcpStream::connect(backend.addr).ok()).collect();
+    for c in &mut conns {
+        let _ = c.write_all(b"GET /api/data?work_ms=1 HTTP/1.1\r\nHost: t\r\n\r\n");
+    }
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.read(&mut [0u8; 512]);
+    }
+    let peak = rss_mib(backend.pid());
+    drop(conns);
+    let grown = peak.saturating_sub(start);
+    assert!(grown >= 20, "{n} connections should take memory: {start} → {peak} MiB");
+    let settled = eventually(Duration::from_secs(6), || rss_mib(backend.pid()) <= start + grown / 2);
+    let after = rss_mib(backend.pid());
+    assert!(settled, "{n} connections: {start} MiB → peak {peak} MiB → {after} MiB after the flood");
+}
