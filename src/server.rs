@@ -200,6 +200,9 @@ async fn lifecycle_middleware(
         _ = request_bounds::client_gone(peer) => None,
     };
     let Some(result) = result else {
+        if let Some(span) = &span {
+            span.record("error.type", "client_disconnected");
+        }
         tracing::info!(route = %route, "client disconnected; request cancelled");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
