@@ -345,3 +345,42 @@ fn memory_taken_by_a_connection_flood_is_given_back() {
     let after = rss_mib(backend.pid());
     assert!(settled, "{n} connections: {start} MiB → peak {peak} MiB → {after} MiB after the flood");
 }
+
+/// `/prestop` from a pod-external address is refused unless `server.prestop_allow_remote`; from
+/// loopback (the exec hook) it works. Run in a network namespace of its own, where 10.99.0.1 is a
+/// local but non-loopback address, so the fixed ports cannot clash with anything.
+#[test]
+fn prestop_is_for_loopback_callers_only() {
+    let script = r#"
+        set -e
+        ip link set lo up
+        ip addr add 10.99.0.1/32 dev lo
+        run() {
+            "$BIN" backend --listen 10.99.0.1:5000 --admin-listen 0.0.0.0:5001 --drain-delay 0s >/dev/null 2>&1 &
+            pid=$!
+            for _ in $(seq 50); do (exec 3<>/dev/tcp/10.99.0.1/5001) 2>/dev/null && break; sleep 0.1; done
+            code=0; "$BIN" shutdown-probe --drain "$1" --timeout 1s >&2 || code=$?
+            kill $pid; wait $pid || true
+            echo "$1 $code"
+        }
+        run http://10.99.0.1:5001/prestop
+        run http://127.0.0.1:5001/prestop
+        GRACEFUL_SERVER__PRESTOP_ALLOW_REMOTE=true run http://10.99.0.1:5001/prestop
+    "#;
+    let child = Command::new("unshare")
+        .args(["--net", "bash", "-c", script])
+        .env("BIN", BIN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, out, err) = wait_bounded(child, Duration::from_secs(30));
+    assert!(status.success(), "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["http://10.99.0.1:5001/prestop 1", "http://127.0.0.1:5001/prestop 0", "http://10.99.0.1:5001/prestop 0"],
+        "{err}"
+    );
+    assert!(err.contains("403"), "the refusal is a 403: {err}");
+}
