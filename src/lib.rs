@@ -2,7 +2,6 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
-pub mod early_signals;
 pub mod frontend;
 pub mod identity;
 pub mod lab;
@@ -15,6 +14,7 @@ pub mod otlp_receiver;
 pub mod probe;
 pub mod request_bounds;
 pub mod server;
+pub mod signals;
 pub mod startup;
 pub mod telemetry;
 pub mod upstream;

@@ -66,6 +66,34 @@ impl Markers {
     }
 }
 
+/// File descriptors kept free of public connections: the admin listener (liveness probes), logs,
+/// the exporter and upstream connections must still work when the public listener is flooded.
+const RESERVED_FDS: u64 = 64;
+
+/// Connections each public worker may hold, leaving [`RESERVED_FDS`] for everything else.
+pub fn max_connections_per_worker(workers: usize) -> usize {
+    let limit = raise_fd_limit();
+    (limit.saturating_sub(RESERVED_FDS) / workers.max(1) as u64).clamp(16, 25_000) as usize
+}
+
+/// Raises the soft open-files limit to the hard one (what most servers do) and returns it.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain get/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// Binds `addr`; returns the listener for actix and our handle on the same socket.
 pub fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, PublicListener)> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;

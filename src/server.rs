@@ -15,18 +15,17 @@ use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::Span;
 use tracing_actix_web::{RootSpan, TracingLogger};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
-use crate::early_signals::{self, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::identity::Identity;
 use crate::lifecycle::{DrainTrigger, Lifecycle, Phase};
 use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
+use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::telemetry::{self, RequestSpan};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
@@ -35,9 +34,6 @@ pub const TRACE_HEADER: &str = "x-trace-id";
 /// actix's own shutdown timeout sits this far behind ours, so that ours alone decides what is
 /// dropped (and says so) and actix's never races it.
 const ACTIX_STOP_MARGIN: Duration = Duration::from_secs(5);
-/// File descriptors kept free of public connections: the admin listener (liveness probes), logs,
-/// the exporter and upstream connections must still work when the public listener is flooded.
-const RESERVED_FDS: u64 = 64;
 /// Status recorded for a request whose client hung up (nginx's convention; never sent).
 const CLIENT_CLOSED: u16 = 499;
 
@@ -321,71 +317,12 @@ where
     code
 }
 
-/// The termination signals, registered before anything listens.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        let s = Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-            usr1: signal(SignalKind::user_defined1())?,
-        };
-        // Ours now: the early handlers (exit at once) step aside.
-        early_signals::release();
-        Ok(s)
-    }
-
-    /// The next SIGTERM or SIGINT; SIGHUP and SIGUSR1 are logged and ignored (Kubernetes never
-    /// sends them; a terminal hang-up must not kill a pod's process without a drain).
-    async fn next_stop(&mut self) -> DrainTrigger {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return DrainTrigger::Sigterm,
-                _ = self.int.recv() => return DrainTrigger::Sigint,
-                _ = self.hup.recv() => tracing::info!("SIGHUP ignored: SIGTERM starts the drain"),
-                _ = self.usr1.recv() => tracing::info!("SIGUSR1 ignored: SIGTERM starts the drain"),
-            }
-        }
-    }
-}
-
 fn exit_code_for(trigger: DrainTrigger) -> u8 {
     if trigger == DrainTrigger::Sigint {
         EXIT_SIGINT
     } else {
         EXIT_SIGTERM
     }
-}
-
-/// Connections each public worker may hold, leaving [`RESERVED_FDS`] for everything else.
-fn max_connections_per_worker(workers: usize) -> usize {
-    let limit = raise_fd_limit();
-    (limit.saturating_sub(RESERVED_FDS) / workers.max(1) as u64).clamp(16, 25_000) as usize
-}
-
-/// Raises the soft open-files limit to the hard one (what most servers do) and returns it.
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain get/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    lim.rlim_cur
 }
 
 async fn serve<F>(ctx: Shared, listeners: Listeners, routes: F) -> ExitCode
@@ -415,7 +352,7 @@ where
             .configure(public_probes)
     })
     .workers(cfg.server.workers)
-    .max_connections(max_connections_per_worker(cfg.server.workers))
+    .max_connections(listener::max_connections_per_worker(cfg.server.workers))
     .keep_alive(cfg.server.keep_alive)
     .shutdown_timeout(actix_secs)
     .disable_signals()
