@@ -115,7 +115,9 @@ async fn game_over(ctx: Shared, state: web::Data<BackendState>, req: HttpRequest
         message: parsed.message,
     };
     ctx.metrics.game_over.inc();
-    tracing::info!(from = %record.from, peer = %record.peer, message = ?record.message, "game over");
+    // Not `message`: that name is the log line's own text in JSON logs.
+    let note = record.message.as_deref().unwrap_or("");
+    tracing::info!(from = %record.from, peer = %record.peer, note, "game over");
     let count = {
         let mut list = state.game_over.lock().unwrap();
         if list.len() >= MAX_RECORDS {

@@ -46,6 +46,10 @@ pub struct Shutdown {
     /// Bound on in-flight requests once the listener is closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A `/prestop` drain with no SIGTERM after this long returns to Serving (Kubernetes always
+    /// follows preStop with SIGTERM). Unset: drain_delay + shutdown_timeout + 30s.
+    #[serde(with = "humantime_serde")]
+    pub prestop_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +60,11 @@ pub struct Server {
     pub keep_alive: Duration,
     /// actix worker threads per listener.
     pub workers: usize,
+    /// Bound on reading a request body once its head has arrived: slower senders get 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Accept `/prestop` from any address (kubelet's httpGet hook comes from the node), not only loopback.
+    pub prestop_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +110,8 @@ pub struct Upstream {
     pub backoff_max: Duration,
     /// `HOST:PORT:ADDR[:PORT]` overrides, like curl's `--resolve` (the lab points Service names at its proxies).
     pub resolve: Vec<String>,
+    /// Backend statuses worth another attempt (idempotent calls only); 500–599.
+    pub retry_on: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +154,16 @@ pub struct Telemetry {
     pub sdk_disabled: bool,
 }
 
+impl Shutdown {
+    /// How long a preStop drain waits for SIGTERM before returning to Serving.
+    pub fn prestop_bound(&self) -> Duration {
+        self.prestop_timeout.unwrap_or(self.drain_delay + self.shutdown_timeout + PRESTOP_MARGIN)
+    }
+}
+
+/// Added to drain_delay + shutdown_timeout for the default `shutdown.prestop_timeout`.
+pub const PRESTOP_MARGIN: Duration = Duration::from_secs(30);
+
 impl Default for Features {
     fn default() -> Self {
         Features { graceful: true, retry: true, timeouts: true }
@@ -151,13 +172,22 @@ impl Default for Features {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown { drain_delay: Duration::from_secs(5), shutdown_timeout: Duration::from_secs(10) }
+        Shutdown {
+            drain_delay: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+            prestop_timeout: None,
+        }
     }
 }
 
 impl Default for Server {
     fn default() -> Self {
-        Server { keep_alive: Duration::from_secs(5), workers: 2 }
+        Server {
+            keep_alive: Duration::from_secs(5),
+            workers: 2,
+            body_read_timeout: Duration::from_secs(5),
+            prestop_allow_remote: false,
+        }
     }
 }
 
@@ -194,6 +224,7 @@ impl Default for Upstream {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_millis(200),
             resolve: Vec::new(),
+            retry_on: vec![502, 503, 504],
         }
     }
 }
@@ -374,28 +405,127 @@ fn invalid(fig: &Figment, key: &str, msg: impl std::fmt::Display) -> ConfigError
     ConfigError::Invalid(format!("key `{key}` from {}: {msg}", source_of(fig, key)))
 }
 
+/// The documented range of every duration key (README's configuration table shows the same).
+pub const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
+    ("shutdown.drain_delay", Duration::ZERO, Duration::from_secs(600)),
+    ("shutdown.shutdown_timeout", Duration::ZERO, Duration::from_secs(600)),
+    ("shutdown.prestop_timeout", Duration::from_secs(1), Duration::from_secs(3600)),
+    ("server.keep_alive", Duration::from_millis(100), Duration::from_secs(3600)),
+    ("server.body_read_timeout", Duration::from_millis(100), Duration::from_secs(600)),
+    ("backend.work_min", Duration::ZERO, Duration::from_secs(60)),
+    ("backend.work_max", Duration::ZERO, Duration::from_secs(60)),
+    ("upstream.connect_timeout", Duration::from_millis(1), Duration::from_secs(600)),
+    ("upstream.attempt_timeout", Duration::from_millis(1), Duration::from_secs(600)),
+    ("upstream.deadline", Duration::from_millis(1), Duration::from_secs(600)),
+    ("upstream.pool_idle", Duration::ZERO, Duration::from_secs(3600)),
+    ("upstream.backoff_min", Duration::ZERO, Duration::from_secs(60)),
+    ("upstream.backoff_max", Duration::ZERO, Duration::from_secs(60)),
+];
+
+/// The documented range of every integer key.
+pub const INTEGER_RANGES: &[(&str, usize, usize)] =
+    &[("server.workers", 1, 64), ("backend.game_over_body_limit", 1, 1024 * 1024), ("upstream.max_attempts", 1, 20)];
+
+fn duration_of(c: &Config, key: &str) -> Option<Duration> {
+    Some(match key {
+        "shutdown.drain_delay" => c.shutdown.drain_delay,
+        "shutdown.shutdown_timeout" => c.shutdown.shutdown_timeout,
+        "shutdown.prestop_timeout" => c.shutdown.prestop_timeout?,
+        "server.keep_alive" => c.server.keep_alive,
+        "server.body_read_timeout" => c.server.body_read_timeout,
+        "backend.work_min" => c.backend.work_min,
+        "backend.work_max" => c.backend.work_max,
+        "upstream.connect_timeout" => c.upstream.connect_timeout,
+        "upstream.attempt_timeout" => c.upstream.attempt_timeout,
+        "upstream.deadline" => c.upstream.deadline,
+        "upstream.pool_idle" => c.upstream.pool_idle,
+        "upstream.backoff_min" => c.upstream.backoff_min,
+        "upstream.backoff_max" => c.upstream.backoff_max,
+        _ => return None,
+    })
+}
+
+fn integer_of(c: &Config, key: &str) -> usize {
+    match key {
+        "server.workers" => c.server.workers,
+        "backend.game_over_body_limit" => c.backend.game_over_body_limit,
+        "upstream.max_attempts" => c.upstream.max_attempts,
+        other => unreachable!("no integer key {other}"),
+    }
+}
+
+fn check_ranges(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
+    let fmt = |d: Duration| humantime::format_duration(d).to_string();
+    for &(key, min, max) in DURATION_RANGES {
+        if let Some(d) = duration_of(c, key) {
+            if d < min || d > max {
+                let range = format!("{} to {}", fmt(min), fmt(max));
+                return Err(invalid(fig, key, format!("{} is outside the allowed range {range}", fmt(d))));
+            }
+        }
+    }
+    for &(key, min, max) in INTEGER_RANGES {
+        let n = integer_of(c, key);
+        if n < min || n > max {
+            return Err(invalid(fig, key, format!("{n} is outside the allowed range {min} to {max}")));
+        }
+    }
+    Ok(())
+}
+
+/// Port 0 means "any free port": fine when a flag asks for it (tests, the benchmark), a mistake
+/// in a file or the environment, where nobody could know where the pod listens.
+fn check_listeners(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
+    for (key, addr) in [
+        ("backend.listen", c.backend.listen),
+        ("backend.admin_listen", c.backend.admin_listen),
+        ("frontend.listen", c.frontend.listen),
+        ("frontend.admin_listen", c.frontend.admin_listen),
+    ] {
+        if addr.port() == 0 && !source_of(fig, key).starts_with("command-line flag") {
+            return Err(invalid(
+                fig,
+                key,
+                format!("`{addr}` has port 0 (any free port); only a command-line flag may ask for that"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
+    check_ranges(c, fig)?;
+    check_listeners(c, fig)?;
     if c.backend.work_min > c.backend.work_max {
         return Err(invalid(fig, "backend.work_min", "must not exceed backend.work_max"));
-    }
-    if c.server.workers == 0 {
-        return Err(invalid(fig, "server.workers", "must be at least 1"));
-    }
-    if c.upstream.max_attempts == 0 {
-        return Err(invalid(fig, "upstream.max_attempts", "must be at least 1 (1 = no retry)"));
     }
     if c.upstream.backoff_min > c.upstream.backoff_max {
         return Err(invalid(fig, "upstream.backoff_min", "must not exceed upstream.backoff_max"));
     }
-    for (key, d) in [
-        ("upstream.connect_timeout", c.upstream.connect_timeout),
-        ("upstream.attempt_timeout", c.upstream.attempt_timeout),
-        ("upstream.deadline", c.upstream.deadline),
-        ("server.keep_alive", c.server.keep_alive),
-    ] {
-        if d.is_zero() {
-            return Err(invalid(fig, key, "must be greater than zero"));
-        }
+    if c.upstream.deadline < c.upstream.attempt_timeout {
+        return Err(invalid(
+            fig,
+            "upstream.deadline",
+            format!(
+                "{} is shorter than upstream.attempt_timeout ({}): no attempt could use its full bound",
+                humantime::format_duration(c.upstream.deadline),
+                humantime::format_duration(c.upstream.attempt_timeout)
+            ),
+        ));
+    }
+    if c.upstream.retry_on.is_empty() {
+        return Err(invalid(
+            fig,
+            "upstream.retry_on",
+            "must name at least one status (features.retry = false turns retries off)",
+        ));
+    }
+    if let Some(s) = c.upstream.retry_on.iter().find(|s| !(500..=599).contains(*s)) {
+        return Err(invalid(
+            fig,
+            "upstream.retry_on",
+            format!("{s} is not a 5xx status: only 500-599 may be retried (a 4xx is the caller's own error)"),
+        ));
     }
     if c.upstream.pool_idle >= c.server.keep_alive {
         return Err(invalid(
@@ -410,6 +540,14 @@ fn validate(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
     let url = &c.frontend.backend_url;
     if url.scheme() != "http" || url.host_str().is_none() {
         return Err(invalid(fig, "frontend.backend_url", format!("`{url}` must be an http:// URL with a host")));
+    }
+    // Requests go to fixed paths on this base: a path or query here would be silently dropped.
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(invalid(
+            fig,
+            "frontend.backend_url",
+            format!("`{url}` must be scheme://host[:port] only (no path, query, fragment or user)"),
+        ));
     }
     for (key, url) in [
         ("telemetry.otlp_endpoint", &c.telemetry.otlp_endpoint),

@@ -65,6 +65,14 @@ async fn proxy_data(
     respond(&ctx, &root, &trace_id(&req), outcome)
 }
 
+/// Adds `trace_id` to a JSON body only when there is one (tracing on): never an empty string.
+fn with_trace_id(tid: &str, mut body: Value) -> Value {
+    if let (false, Some(map)) = (tid.is_empty(), body.as_object_mut()) {
+        map.insert("trace_id".into(), tid.into());
+    }
+    body
+}
+
 fn respond(ctx: &Ctx, root: &RootSpan, tid: &str, outcome: Outcome) -> HttpResponse {
     let retries = outcome.retries();
     match outcome.result {
@@ -72,37 +80,43 @@ fn respond(ctx: &Ctx, root: &RootSpan, tid: &str, outcome: Outcome) -> HttpRespo
             let backend: Value = serde_json::from_slice(&resp.body)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
             if resp.status.is_success() {
-                HttpResponse::Ok().json(json!({
-                    "status": "ok",
-                    "pod": ctx.identity.pod_name,
-                    "backend": backend,
-                    "retries": retries,
-                    "trace_id": tid,
-                }))
+                HttpResponse::Ok().json(with_trace_id(
+                    tid,
+                    json!({
+                        "status": "ok",
+                        "pod": ctx.identity.pod_name,
+                        "backend": backend,
+                        "retries": retries,
+                    }),
+                ))
             } else {
                 // A 4xx from the backend is the backend's answer, passed on as such.
-                HttpResponse::build(resp.status).json(json!({
-                    "status": "error",
-                    "error": "upstream_client_error",
-                    "pod": ctx.identity.pod_name,
-                    "backend": backend,
-                    "retries": retries,
-                    "trace_id": tid,
-                }))
+                HttpResponse::build(resp.status).json(with_trace_id(
+                    tid,
+                    json!({
+                        "status": "error",
+                        "error": "upstream_client_error",
+                        "pod": ctx.identity.pod_name,
+                        "backend": backend,
+                        "retries": retries,
+                    }),
+                ))
             }
         }
         Err(e) => {
             root.record("error.type", e.kind.as_str());
             tracing::warn!(error.type = e.kind.as_str(), detail = %e.detail, retries, "backend call failed");
-            HttpResponse::build(e.status()).json(json!({
-                "status": "error",
-                "error": e.kind.as_str(),
-                "message": e.detail,
-                "upstream_status": e.status,
-                "pod": ctx.identity.pod_name,
-                "retries": retries,
-                "trace_id": tid,
-            }))
+            HttpResponse::build(e.status()).json(with_trace_id(
+                tid,
+                json!({
+                    "status": "error",
+                    "error": e.kind.as_str(),
+                    "message": e.detail,
+                    "upstream_status": e.status,
+                    "pod": ctx.identity.pod_name,
+                    "retries": retries,
+                }),
+            ))
         }
     }
 }
@@ -130,11 +144,13 @@ async fn startup(
                 Err(e) => e.kind.as_str().to_string(),
                 Ok(r) => format!("backend /get-config answered {} without a code", r.status),
             };
-            HttpResponse::ServiceUnavailable().json(json!({
-                "status": "starting",
-                "error": why,
-                "trace_id": trace_id(&req),
-            }))
+            HttpResponse::ServiceUnavailable().json(with_trace_id(
+                &trace_id(&req),
+                json!({
+                    "status": "starting",
+                    "error": why,
+                }),
+            ))
         }
     }
 }

@@ -59,6 +59,13 @@ impl DrainTrigger {
     }
 }
 
+/// One request in flight: its server span and what it is (`GET /api/data?work_ms=3000`).
+#[derive(Debug)]
+pub struct Request {
+    pub span: Option<tracing::Span>,
+    pub what: String,
+}
+
 #[derive(Debug)]
 pub struct Lifecycle {
     phase: AtomicU8,
@@ -67,8 +74,8 @@ pub struct Lifecycle {
     signalled: Mutex<Option<Instant>>,
     in_flight: AtomicUsize,
     next_request: AtomicU64,
-    /// Root spans of in-flight requests, so a naive exit can mark what it drops.
-    requests: Mutex<HashMap<u64, tracing::Span>>,
+    /// In-flight requests, so an exit that drops them can mark their spans and name them.
+    requests: Mutex<HashMap<u64, Request>>,
     changes: watch::Sender<Phase>,
 }
 
@@ -169,18 +176,34 @@ impl Lifecycle {
     }
 
     /// Counts a request in flight until the guard drops (also when its future is dropped).
-    pub fn track(&self, span: Option<tracing::Span>) -> InFlight<'_> {
+    pub fn track(&self, span: Option<tracing::Span>, what: String) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        if let Some(span) = span {
-            self.requests.lock().unwrap().insert(id, span);
-        }
+        self.requests.lock().unwrap().insert(id, Request { span, what });
         InFlight { lifecycle: self, id }
     }
 
-    /// Takes the spans of the requests still in flight (the naive exit marks them dropped).
-    pub fn take_in_flight_spans(&self) -> Vec<tracing::Span> {
-        self.requests.lock().unwrap().drain().map(|(_, s)| s).collect()
+    /// Takes the requests still in flight (an exit that drops them marks and names them).
+    pub fn take_in_flight(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().drain().map(|(_, r)| r).collect()
+    }
+
+    /// Ends a preStop drain that no signal followed: back to Serving. False once signalled.
+    pub fn revert_drain(&self) -> bool {
+        let signalled = self.signalled.lock().unwrap();
+        let mut started = self.drain_started.lock().unwrap();
+        if signalled.is_some() || started.is_none() {
+            return false;
+        }
+        let reverted = self
+            .phase
+            .compare_exchange(Phase::Draining as u8, Phase::Serving as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if reverted {
+            *started = None;
+            self.changes.send_replace(Phase::Serving);
+        }
+        reverted
     }
 
     /// Waits until no request is in flight, or `bound` passes; returns how many are left.
@@ -227,6 +250,21 @@ mod tests {
     }
 
     #[test]
+    fn a_prestop_drain_reverts_only_before_a_signal() {
+        let l = Lifecycle::new();
+        l.advance(Phase::Serving);
+        assert!(!l.revert_drain(), "nothing to revert");
+        l.begin_drain();
+        assert!(l.revert_drain());
+        assert_eq!(l.phase(), Phase::Serving);
+        assert!(l.since_drain().is_none());
+        l.begin_drain();
+        l.signal_received();
+        assert!(!l.revert_drain(), "a signalled pod never returns to serving");
+        assert_eq!(l.phase(), Phase::Draining);
+    }
+
+    #[test]
     fn drain_time_counts_from_the_first_trigger() {
         let l = Lifecycle::new();
         let delay = Duration::from_millis(200);
@@ -242,12 +280,14 @@ mod tests {
     #[test]
     fn in_flight_guard_counts_and_releases_spans() {
         let l = Lifecycle::new();
-        let g1 = l.track(Some(tracing::Span::none()));
-        let g2 = l.track(None);
+        let g1 = l.track(Some(tracing::Span::none()), "GET /a".into());
+        let g2 = l.track(None, "GET /b".into());
         assert_eq!(l.in_flight(), 2);
         drop(g1);
         assert_eq!(l.in_flight(), 1);
-        assert!(l.take_in_flight_spans().is_empty());
+        let left = l.take_in_flight();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].what, "GET /b");
         drop(g2);
         assert_eq!(l.in_flight(), 0);
     }

@@ -64,24 +64,40 @@ where
 /// An event's fields as JSON values (numbers and booleans stay typed).
 struct JsonVisitor<'a>(&'a mut Map<String, Value>);
 
+impl JsonVisitor<'_> {
+    /// The event's text comes first as `message`; a field of the same name must not replace it.
+    fn key(&self, field: &Field) -> String {
+        match field.name() {
+            "message" if self.0.contains_key("message") => "field.message".into(),
+            name => name.into(),
+        }
+    }
+}
+
 impl Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), format!("{value:?}").into());
+        let key = self.key(field);
+        self.0.insert(key, format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        let key = self.key(field);
+        self.0.insert(key, value.into());
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        let key = self.key(field);
+        self.0.insert(key, value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        let key = self.key(field);
+        self.0.insert(key, value.into());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        let key = self.key(field);
+        self.0.insert(key, value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        let key = self.key(field);
+        self.0.insert(key, value.into());
     }
 }
 

@@ -55,7 +55,11 @@ impl Metrics {
         registry.register("upstream_attempts", "Upstream attempts by outcome", upstream_attempts.clone());
         registry.register("upstream_retries", "Upstream retries (attempts after the first)", retries.clone());
         registry.register("game_over", "game-over notifications received", game_over.clone());
-        registry.register("requests_dropped", "Requests dropped by a naive (non-graceful) exit", dropped.clone());
+        registry.register(
+            "requests_dropped",
+            "Requests dropped at exit: a naive (non-graceful) exit, or shutdown_timeout reached",
+            dropped.clone(),
+        );
         let m = Metrics { registry: root, requests, in_flight, phase, upstream_attempts, retries, game_over, dropped };
         m.set_phase(Phase::Starting);
         m

@@ -23,12 +23,9 @@ pub fn run(args: ProbeArgs) -> ExitCode {
     }
     for (flag, url) in [("--drain", &args.drain), ("--game-over", &args.game_over)] {
         if let Some(u) = url {
-            match url::Url::parse(u) {
-                Ok(p) if p.scheme() == "http" && p.host_str().is_some() => {}
-                _ => {
-                    eprintln!("shutdown-probe: {flag} `{u}` is not an http:// URL");
-                    return ExitCode::from(2);
-                }
+            if let Err(why) = check_url(u) {
+                eprintln!("shutdown-probe: {flag} `{u}` is not a usable http:// URL: {why}");
+                return ExitCode::from(2);
             }
         }
     }
@@ -45,6 +42,36 @@ pub fn run(args: ProbeArgs) -> ExitCode {
     } else {
         println!("shutdown-probe: {line}");
         ExitCode::SUCCESS
+    }
+}
+
+/// A hook's URL is typed by a person into a manifest: anything the URL parser would quietly
+/// repair (an empty host, a space, a non-ASCII name) is a usage error, not a failed step.
+fn check_url(raw: &str) -> Result<(), &'static str> {
+    if !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("it contains a space, a control or a non-ASCII character");
+    }
+    let rest = raw.get(..7).filter(|p| p.eq_ignore_ascii_case("http://")).map(|_| &raw[7..]);
+    let Some(rest) = rest else { return Err("it must start with http://") };
+    if rest.is_empty() || rest.starts_with(['/', '?', '#', ':']) {
+        return Err("it has no host");
+    }
+    match url::Url::parse(raw) {
+        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        _ => Err("it does not parse as scheme://host[:port]/path"),
+    }
+}
+
+/// awc's wording ("connector has been disconnected") said as what happened on the wire.
+fn describe(e: awc::error::SendRequestError) -> String {
+    use crate::upstream::ErrorType;
+    let detail = e.to_string();
+    match crate::upstream::classify_send(e).kind {
+        ErrorType::ConnectionRefused => "connection refused (nothing listens there)".into(),
+        ErrorType::ClosedBeforeResponse => "the server closed the connection without answering".into(),
+        ErrorType::ConnectionReset => "the connection was reset by the server".into(),
+        ErrorType::Timeout => "timed out".into(),
+        _ => detail,
     }
 }
 
@@ -82,7 +109,7 @@ async fn post(
         let send = client.post(url).insert_header(("content-type", "application/json")).send_body(body.clone());
         // The client timeout covers headers only; bound the whole exchange too.
         let res = tokio::time::timeout(timeout, async {
-            let mut resp = send.await.map_err(|e| e.to_string())?;
+            let mut resp = send.await.map_err(describe)?;
             let _ = resp.body().limit(64 * 1024).await;
             Ok::<_, String>(resp.status())
         })
@@ -101,4 +128,19 @@ async fn post(
         }
     }
     Step { name, ok: false, what: last }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_url;
+
+    #[test]
+    fn urls_a_person_got_wrong_are_refused() {
+        assert!(check_url("http://127.0.0.1:5001/prestop").is_ok());
+        assert!(check_url("HTTP://svc-backend:5000/game-over").is_ok());
+        for bad in ["http:///prestop", "http://bücher.invalid/", "http://a b/", "https://x/", "http://", "http://:80/"]
+        {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
 }

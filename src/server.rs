@@ -2,19 +2,19 @@
 //! middleware, and the shutdown sequence driven by signals and `/prestop`.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Extensions, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::http::ConnectionType;
+use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::Span;
 use tracing_actix_web::{RootSpan, TracingLogger};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -22,15 +22,20 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::lifecycle::{DrainTrigger, Lifecycle, Phase};
+use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
+use crate::request_bounds::{self, BodyError, PeerSocket};
+use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::telemetry::{self, RequestSpan};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
 
-/// Exit codes a shell would report for a death by signal; kubelet shows them.
-const EXIT_SIGTERM: u8 = 143;
-const EXIT_SIGINT: u8 = 130;
+/// actix's own shutdown timeout sits this far behind ours, so that ours alone decides what is
+/// dropped (and says so) and actix's never races it.
+const ACTIX_STOP_MARGIN: Duration = Duration::from_secs(5);
+/// Status recorded for a request whose client hung up (nginx's convention; never sent).
+const CLIENT_CLOSED: u16 = 499;
 
 /// State shared by both listeners and every worker of one role.
 pub struct Ctx {
@@ -41,6 +46,12 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// Open connections on the public listener (idle keep-alive ones included).
     connections: Arc<AtomicUsize>,
+    /// High-water mark of `connections` since the last heap trim (see `memory`).
+    connections_peak: Arc<AtomicUsize>,
+    /// Accepted public connections whose first request has not started yet.
+    unread: Arc<AtomicUsize>,
+    /// The listener's close-time marker connections (see `listener`).
+    markers: Arc<Markers>,
     /// Covers the life of the process; events mark each step of termination.
     lifecycle_span: Mutex<Option<Span>>,
 }
@@ -62,6 +73,9 @@ impl Ctx {
             identity,
             lifecycle: Lifecycle::new(),
             connections: Arc::default(),
+            connections_peak: Arc::default(),
+            unread: Arc::default(),
+            markers: Arc::default(),
             lifecycle_span: Mutex::new(Some(lifecycle_span)),
         })
     }
@@ -107,12 +121,33 @@ impl Ctx {
     }
 }
 
-/// Counts a connection for as long as actix keeps its extensions (the connection's life).
-struct ConnectionGuard(Arc<AtomicUsize>);
+/// Counts a connection for as long as actix keeps its extensions (the connection's life), and
+/// whether it has started a request yet (the listener's close waits for those that have not).
+struct ConnectionGuard {
+    open: Arc<AtomicUsize>,
+    unread: Arc<AtomicUsize>,
+    started: AtomicBool,
+}
+
+impl ConnectionGuard {
+    fn open(open: &Arc<AtomicUsize>, peak: &AtomicUsize, unread: &Arc<AtomicUsize>) -> Self {
+        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+        peak.fetch_max(now, Ordering::Relaxed);
+        unread.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard { open: open.clone(), unread: unread.clone(), started: AtomicBool::new(false) }
+    }
+
+    fn request_started(&self) {
+        if !self.started.swap(true, Ordering::SeqCst) {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.request_started();
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -121,12 +156,17 @@ pub fn is_probe_path(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
 }
 
-/// Phase, in-flight tracking, `Connection: close` while draining, pod and trace headers, metrics.
+/// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
+/// `Connection: close` while draining, pod and trace headers, metrics.
 async fn lifecycle_middleware(
-    req: ServiceRequest,
+    mut req: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let ctx = req.app_data::<Shared>().cloned().expect("Ctx is registered on every app");
+    if let Some(conn) = req.conn_data::<ConnectionGuard>() {
+        conn.request_started();
+    }
+    let peer = req.conn_data::<PeerSocket>().copied();
     let span = req.extensions().get::<RootSpan>().map(|s| Span::clone(s));
     let phase_start = ctx.lifecycle.phase();
     if let Some(span) = &span {
@@ -136,8 +176,33 @@ async fn lifecycle_middleware(
     let tid = telemetry::request_trace_id(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
-    let _in_flight = ctx.lifecycle.track(span.clone());
-    let result = next.call(req).await;
+    let what = format!("{method} {}", req.uri());
+    let _in_flight = ctx.lifecycle.track(span.clone(), what);
+    if let Err(e) = request_bounds::read_body(&mut req, ctx.config.server.body_read_timeout).await {
+        let status = match e {
+            BodyError::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Broken => StatusCode::BAD_REQUEST,
+        };
+        tracing::info!(status = status.as_u16(), route = %route, "request body not read: {e:?}");
+        ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
+        let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
+        res.head_mut().set_connection_type(ConnectionType::Close);
+        return Ok(req.into_response(res).map_into_right_body());
+    }
+    // Dropping the handler's future cancels its work (and, in the frontend, its upstream attempts).
+    let result = tokio::select! {
+        r = next.call(req) => Some(r),
+        _ = request_bounds::client_gone(peer) => None,
+    };
+    let Some(result) = result else {
+        if let Some(span) = &span {
+            span.record("error.type", "client_disconnected");
+        }
+        tracing::info!(route = %route, "client disconnected; request cancelled");
+        ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
+        return Err(actix_web::error::ErrorBadRequest("client disconnected"));
+    };
     let phase_end = ctx.lifecycle.phase();
     if let Some(span) = &span {
         span.record("graceful.shutdown.phase_end", phase_end.as_str());
@@ -161,7 +226,7 @@ async fn lifecycle_middleware(
             headers.insert(HeaderName::from_static(TRACE_HEADER), v);
         }
     }
-    Ok(res)
+    Ok(res.map_into_left_body())
 }
 
 async fn livez(ctx: Shared) -> HttpResponse {
@@ -192,6 +257,14 @@ async fn prestop(ctx: Shared, req: HttpRequest) -> HttpResponse {
             "status": "ignored",
             "error": "features.graceful is off: this pod has no lame-duck mode",
             "pod": ctx.identity.pod_name,
+        }));
+    }
+    let local = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
+    if !local && !ctx.config.server.prestop_allow_remote {
+        // The exec hook runs inside the pod and calls 127.0.0.1; anyone else could drain us.
+        return HttpResponse::Forbidden().json(json!({
+            "status": "refused",
+            "error": "/prestop is served to loopback callers only (server.prestop_allow_remote = false)",
         }));
     }
     let first = ctx.begin_drain(DrainTrigger::PreStop);
@@ -244,22 +317,32 @@ where
     code
 }
 
+fn exit_code_for(trigger: DrainTrigger) -> u8 {
+    if trigger == DrainTrigger::Sigint {
+        EXIT_SIGINT
+    } else {
+        EXIT_SIGTERM
+    }
+}
+
 async fn serve<F>(ctx: Shared, listeners: Listeners, routes: F) -> ExitCode
 where
     F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
 {
     let cfg = &ctx.config;
     // Signals first: once we listen, a SIGTERM must never take the default (instant death) path.
-    let (mut sigterm, mut sigint) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
             eprintln!("graceful {}: cannot install signal handlers: {e}", ctx.role);
             return ExitCode::FAILURE;
         }
     };
-    let shutdown_secs = cfg.shutdown.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64;
+    let ours = cfg.shutdown.shutdown_timeout;
+    let actix_secs = (ours + ACTIX_STOP_MARGIN).as_secs_f64().ceil() as u64;
     let app_ctx = ctx.clone();
-    let connections = ctx.connections.clone();
+    let (connections, unread, markers) = (ctx.connections.clone(), ctx.unread.clone(), ctx.markers.clone());
+    let peak = ctx.connections_peak.clone();
     let public = HttpServer::new(move || {
         App::new()
             .app_data(app_ctx.clone())
@@ -269,18 +352,26 @@ where
             .configure(public_probes)
     })
     .workers(cfg.server.workers)
+    .max_connections(listener::max_connections_per_worker(cfg.server.workers))
     .keep_alive(cfg.server.keep_alive)
-    .shutdown_timeout(shutdown_secs)
+    .shutdown_timeout(actix_secs)
     .disable_signals()
-    .on_connect(move |_conn, ext: &mut Extensions| {
-        connections.fetch_add(1, Ordering::SeqCst);
-        ext.insert(ConnectionGuard(connections.clone()));
-    });
-    let (public, public_addr) = match public.bind(listeners.public) {
-        Ok(s) => {
-            let addr = s.addrs().first().copied().unwrap_or(listeners.public);
-            (s.run(), addr)
+    .on_connect(move |conn, ext: &mut Extensions| {
+        let tcp = conn.downcast_ref::<actix_web::rt::net::TcpStream>();
+        if markers.opened(|| tcp.and_then(|t| t.peer_addr().ok())) {
+            return; // our own marker: served by nobody, closed by us
         }
+        ext.insert(ConnectionGuard::open(&connections, &peak, &unread));
+        if let Some(tcp) = tcp {
+            ext.insert(PeerSocket(tcp.as_raw_fd()));
+        }
+    });
+    let bound = listener::bind(listeners.public).and_then(|(std_listener, ours)| {
+        let addr = std_listener.local_addr()?;
+        Ok((public.listen(std_listener)?, addr, ours))
+    });
+    let (public, public_addr, public_socket) = match bound {
+        Ok((s, addr, ours)) => (s.run(), addr, ours),
         Err(e) => {
             eprintln!("graceful {}: cannot listen on {} ({}): {e}", ctx.role, listeners.public, listeners.public_key);
             return ExitCode::from(2);
@@ -306,6 +397,8 @@ where
     let admin_handle = admin.handle();
     actix_web::rt::spawn(public);
     actix_web::rt::spawn(admin);
+    let (open, peak) = (ctx.connections.clone(), ctx.connections_peak.clone());
+    actix_web::rt::spawn(async move { crate::memory::trim_after_floods(&open, &peak).await });
     ctx.set_phase(Phase::Serving);
     tracing::info!(
         role = ctx.role,
@@ -318,20 +411,12 @@ where
     );
     ctx.event("serving", None);
 
-    let mut phases = ctx.lifecycle.subscribe();
-    // 1. Serve until a termination signal (a preStop only starts the lame-duck period).
-    let trigger = loop {
-        tokio::select! {
-            _ = sigterm.recv() => break DrainTrigger::Sigterm,
-            _ = sigint.recv() => break DrainTrigger::Sigint,
-            changed = phases.changed() => {
-                if changed.is_err() { break DrainTrigger::Sigterm; }
-            }
-        }
-    };
+    // 1. Serve until a termination signal (a preStop only starts the lame-duck period, and
+    //    ends it again if no SIGTERM follows within shutdown.prestop_timeout).
+    let trigger = serve_until_signal(&ctx, &mut signals).await;
     ctx.lifecycle.signal_received();
     ctx.event(trigger.event_name(), Some(ctx.lifecycle.in_flight()));
-    let exit_code = if trigger == DrainTrigger::Sigint { EXIT_SIGINT } else { EXIT_SIGTERM };
+    let exit_code = exit_code_for(trigger);
     if !cfg.features.graceful {
         return naive_exit(&ctx, &public_handle, &admin_handle, exit_code).await;
     }
@@ -341,35 +426,108 @@ where
     let remaining = ctx.lifecycle.remaining_drain(cfg.shutdown.drain_delay);
     tokio::select! {
         _ = tokio::time::sleep(remaining) => {}
-        _ = sigterm.recv() => return second_signal(&ctx, EXIT_SIGTERM),
-        _ = sigint.recv() => return second_signal(&ctx, EXIT_SIGINT),
+        second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
     }
 
-    // 3. Close the listener; in-flight requests finish, idle keep-alive connections are closed.
+    // 3. Close the listener without losing what the kernel already accepted, then let in-flight
+    //    requests finish; idle keep-alive connections are closed.
     ctx.set_phase(Phase::Stopping);
-    let stopping = public_handle.clone();
-    actix_web::rt::spawn(async move { stopping.stop(true).await });
+    let deadline = tokio::time::Instant::now() + ours;
+    close_public_listener(&ctx, public_socket, &public_handle).await;
     ctx.event("listener_closed", Some(ctx.lifecycle.in_flight()));
     // Our own count, not actix's stop future: actix re-checks open connections only once a second.
-    let drained = tokio::select! {
-        left = wait_for_zero(&ctx.connections, cfg.shutdown.shutdown_timeout) => left,
-        _ = sigterm.recv() => return second_signal(&ctx, EXIT_SIGTERM),
-        _ = sigint.recv() => return second_signal(&ctx, EXIT_SIGINT),
+    let left_open = tokio::select! {
+        left = wait_for_zero(&ctx.connections, deadline.saturating_duration_since(tokio::time::Instant::now())) => left,
+        second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
     };
-    let left = ctx.lifecycle.in_flight();
-    if drained > 0 {
-        tracing::warn!(connections = drained, in_flight = left, "shutdown_timeout reached; dropping the rest");
-    }
+    // What was still running at the deadline, counted before the forced close ends it.
+    let left =
+        if left_open > 0 { drop_the_rest(&ctx, &public_handle, left_open).await } else { ctx.lifecycle.in_flight() };
     ctx.event("drained", Some(left));
     let admin_stop = admin_handle.clone();
     actix_web::rt::spawn(async move { admin_stop.stop(false).await });
     ctx.set_phase(Phase::Stopped);
     ctx.event("exit", Some(left));
-    if drained > 0 {
+    if left_open > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Serves until SIGTERM or SIGINT. A drain begun by `/prestop` that sees no signal within
+/// `shutdown.prestop_timeout` returns to Serving: Kubernetes always follows a preStop hook with
+/// SIGTERM, so a lone `/prestop` was not Kubernetes, and a pod must not stay unready for ever.
+async fn serve_until_signal(ctx: &Ctx, signals: &mut Signals) -> DrainTrigger {
+    let bound = ctx.config.shutdown.prestop_bound();
+    let mut phases = ctx.lifecycle.subscribe();
+    loop {
+        let revert_in = ctx.lifecycle.since_drain().map(|d| bound.saturating_sub(d));
+        let revert = async {
+            match revert_in {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            trigger = signals.next_stop() => return trigger,
+            changed = phases.changed() => {
+                if changed.is_err() { return DrainTrigger::Sigterm; }
+            }
+            _ = revert => {
+                if ctx.lifecycle.revert_drain() {
+                    ctx.metrics.set_phase(Phase::Serving);
+                    tracing::warn!(
+                        prestop_timeout_ms = bound.as_millis() as i64,
+                        "no SIGTERM followed /prestop within shutdown.prestop_timeout; serving again"
+                    );
+                    ctx.event("prestop_expired", None);
+                }
+            }
+        }
+    }
+}
+
+/// Makes the kernel stop queueing new connections, waits (bounded) until actix has taken every
+/// queued one and started reading it, then lets actix close the socket.
+async fn close_public_listener(ctx: &Ctx, socket: PublicListener, handle: &ServerHandle) {
+    let (queued, silent) = socket.hand_over(&ctx.markers, ctx.config.server.workers, &ctx.unread).await;
+    if queued > 0 || silent > 0 {
+        tracing::info!(queued, silent, "closing the listener with connections that sent no request");
+    }
+    let stopping = handle.clone();
+    actix_web::rt::spawn(async move { stopping.stop(true).await });
+    // actix's accept thread holds the other descriptor; this one must not keep the port open.
+    drop(socket);
+}
+
+/// shutdown_timeout has passed: force the rest closed, and say what was dropped.
+async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> usize {
+    let dropped = ctx.lifecycle.take_in_flight();
+    let what: Vec<String> = dropped.iter().map(|r| r.what.clone()).collect();
+    let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
+    for r in &dropped {
+        if let Some(span) = &r.span {
+            span.record("graceful.dropped", true);
+            span.record("error.type", "dropped_at_shutdown_timeout");
+            span.record("graceful.ms_since_sigterm", ms);
+            span.set_status(opentelemetry::trace::Status::error("shutdown_timeout reached"));
+        }
+        ctx.metrics.dropped.inc();
+    }
+    tracing::warn!(
+        connections = connections as i64,
+        in_flight = dropped.len() as i64,
+        requests = %what.join(", "),
+        "shutdown_timeout reached; dropping {} request(s): {}",
+        dropped.len(),
+        what.join(", ")
+    );
+    drop(dropped);
+    let stop = handle.clone();
+    actix_web::rt::spawn(async move { stop.stop(false).await });
+    wait_for_zero(&ctx.connections, Duration::from_millis(200)).await;
+    what.len()
 }
 
 fn second_signal(ctx: &Ctx, code: u8) -> ExitCode {
@@ -380,7 +538,7 @@ fn second_signal(ctx: &Ctx, code: u8) -> ExitCode {
 /// The naive app: exits at once. It first ends the spans of the requests it is about to drop,
 /// marked, so the trace shows what died and why.
 async fn naive_exit(ctx: &Ctx, public: &ServerHandle, admin: &ServerHandle, code: u8) -> ExitCode {
-    let spans = ctx.lifecycle.take_in_flight_spans();
+    let spans: Vec<Span> = ctx.lifecycle.take_in_flight().into_iter().filter_map(|r| r.span).collect();
     let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
     for span in &spans {
         span.record("graceful.dropped", true);

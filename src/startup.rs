@@ -11,6 +11,10 @@ use crate::identity::Identity;
 use crate::{backend, frontend, lab, probe, telemetry};
 
 pub fn main() -> ExitCode {
+    // Before parsing anything: a SIGTERM now must not be lost (see `signals`).
+    if crate::signals::serving_role(std::env::args_os()) {
+        crate::signals::install_early();
+    }
     let cli = Cli::parse();
     let file = cli.config_file();
     let (role, overrides) = match &cli.command {

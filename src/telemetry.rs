@@ -56,10 +56,12 @@ pub fn export_target(cfg: &Config) -> Option<ExportTarget> {
 
 /// Installs the global subscriber. Call before any async runtime starts.
 pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).map_err(|e| anyhow::anyhow!("RUST_LOG `{v}`: {e}"))?,
-        _ => EnvFilter::try_new(&cfg.telemetry.log_level)?,
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => v,
+        _ => cfg.telemetry.log_level.clone(),
     };
+    let filter = EnvFilter::try_new(quiet_parse_errors(&directives))
+        .map_err(|e| anyhow::anyhow!("log filter `{directives}`: {e}"))?;
     let json = match cfg.telemetry.log_format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
@@ -97,6 +99,16 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
     };
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
     Ok(())
+}
+
+/// actix_http logs an ERROR line for every malformed request a client sends, so any client could
+/// flood the pod's log. They are off unless the filter names `actix_http` itself.
+fn quiet_parse_errors(directives: &str) -> String {
+    if directives.contains("actix_http") {
+        directives.to_string()
+    } else {
+        format!("{directives},actix_http::h1::dispatcher=off")
+    }
 }
 
 /// True when spans are exported (and so trace ids exist).

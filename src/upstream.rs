@@ -85,10 +85,11 @@ impl UpstreamError {
         }
     }
 
-    /// Transport failures and 502/503/504 may go to another pod; a plain 500 is the app's answer.
-    fn retryable(&self) -> bool {
+    /// Transport failures and the statuses in `upstream.retry_on` (502/503/504 by default) may go
+    /// to another pod; any other 5xx is the app's own answer.
+    fn retryable(&self, retry_on: &[u16]) -> bool {
         match self.kind {
-            ErrorType::Http5xx => matches!(self.status, Some(502..=504)),
+            ErrorType::Http5xx => self.status.is_some_and(|s| retry_on.contains(&s)),
             ErrorType::DeadlineExceeded => false,
             _ => true,
         }
@@ -191,7 +192,7 @@ impl Upstream {
             if self.retry && idempotent && self.cfg.max_attempts > 1 {
                 once.retry(self.backoff())
                     .sleep(tokio::time::sleep)
-                    .when(UpstreamError::retryable)
+                    .when(|e: &UpstreamError| e.retryable(&self.cfg.retry_on))
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
                         tracing::info!(
@@ -389,12 +390,14 @@ mod tests {
     }
 
     #[test]
-    fn only_gateway_5xx_are_retryable() {
+    fn only_listed_5xx_are_retryable() {
         let e = |s| UpstreamError { kind: ErrorType::Http5xx, detail: String::new(), status: Some(s) };
-        assert!(e(502).retryable() && e(503).retryable() && e(504).retryable());
-        assert!(!e(500).retryable());
-        assert!(UpstreamError::new(ErrorType::ConnectionRefused, "").retryable());
-        assert!(!UpstreamError::new(ErrorType::DeadlineExceeded, "").retryable());
+        let gateway = crate::config::Upstream::default().retry_on;
+        assert!(e(502).retryable(&gateway) && e(503).retryable(&gateway) && e(504).retryable(&gateway));
+        assert!(!e(500).retryable(&gateway));
+        assert!(e(500).retryable(&[500, 503]) && !e(502).retryable(&[500, 503]));
+        assert!(UpstreamError::new(ErrorType::ConnectionRefused, "").retryable(&gateway));
+        assert!(!UpstreamError::new(ErrorType::DeadlineExceeded, "").retryable(&gateway));
     }
 
     #[test]

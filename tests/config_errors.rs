@@ -138,3 +138,73 @@ fn help_documents_env_vars() {
         }
     }
 }
+
+/// Arguments, environment, what stderr must name.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+
+/// Values that used to validate and then panic (exit 101) or overflow at SIGTERM.
+#[test]
+fn out_of_range_values_are_refused_at_load() {
+    let cases: &[Case] = &[
+        (
+            &["config"],
+            &[("GRACEFUL_SERVER__WORKERS", "513")],
+            &["server.workers", "GRACEFUL_SERVER__WORKERS", "1 to 64"],
+        ),
+        (&["config"], &[("GRACEFUL_SERVER__WORKERS", "0")], &["server.workers", "1 to 64"]),
+        (
+            &["config"],
+            &[("GRACEFUL_SERVER__KEEP_ALIVE", "300000000000years")],
+            &["server.keep_alive", "GRACEFUL_SERVER__KEEP_ALIVE"],
+        ),
+        (
+            &["backend", "--shutdown-timeout", "300000000000years"],
+            &[],
+            &["shutdown.shutdown_timeout", "--shutdown-timeout", "10m"],
+        ),
+        (&["config"], &[("GRACEFUL_UPSTREAM__MAX_ATTEMPTS", "1000")], &["upstream.max_attempts", "1 to 20"]),
+        (&["config"], &[("GRACEFUL_BACKEND__GAME_OVER_BODY_LIMIT", "0")], &["backend.game_over_body_limit"]),
+        (&["config"], &[("GRACEFUL_BACKEND__WORK_MAX", "2h")], &["backend.work_max", "1m"]),
+        (&["config"], &[("GRACEFUL_SERVER__BODY_READ_TIMEOUT", "0s")], &["server.body_read_timeout"]),
+    ];
+    for (args, env, needles) in cases {
+        let out = run(args, env);
+        fails_naming(&out, needles);
+    }
+}
+
+#[test]
+fn inconsistent_upstream_bounds_and_urls_are_refused() {
+    let out = run(&["config"], &[("GRACEFUL_UPSTREAM__DEADLINE", "500ms")]);
+    fails_naming(&out, &["upstream.deadline", "GRACEFUL_UPSTREAM__DEADLINE", "attempt_timeout"]);
+    for url in ["http://svc-backend:5000/v2", "http://svc-backend:5000/?x=1", "http://user@svc-backend:5000"] {
+        let out = run(&["frontend", "--backend-url", url], &[]);
+        fails_naming(&out, &["frontend.backend_url", "--backend-url", "no path"]);
+    }
+}
+
+#[test]
+fn port_zero_only_when_a_flag_asks_for_it() {
+    let out = run(&["config"], &[("GRACEFUL_BACKEND__LISTEN", "0.0.0.0:0")]);
+    fails_naming(&out, &["backend.listen", "GRACEFUL_BACKEND__LISTEN", "port 0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("g.toml");
+    std::fs::write(&f, "[frontend]\nadmin_listen = \"127.0.0.1:0\"\n").unwrap();
+    let out = run(&["--config", f.to_str().unwrap(), "config"], &[]);
+    fails_naming(&out, &["frontend.admin_listen", "file", "port 0"]);
+    let out = run(&["config"], &[]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn retry_on_takes_only_5xx_statuses() {
+    let out = run(&["config"], &[("GRACEFUL_UPSTREAM__RETRY_ON", "[502, 404]")]);
+    fails_naming(&out, &["upstream.retry_on", "GRACEFUL_UPSTREAM__RETRY_ON", "404", "500-599"]);
+    let out = run(&["config"], &[("GRACEFUL_UPSTREAM__RETRY_ON", "[]")]);
+    fails_naming(&out, &["upstream.retry_on"]);
+    let out = run(&["config", "--json"], &[("GRACEFUL_UPSTREAM__RETRY_ON", "[500, 503]")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows.iter().find(|r| r["key"] == "upstream.retry_on").unwrap();
+    assert_eq!(row["value"], serde_json::json!([500, 503]));
+}
