@@ -6,24 +6,13 @@
 //! frontend Service (`load`), rolls the Deployments, and explains every failed request from the
 //! pods' spans (`attribution`). See docs/lab.md for what it mirrors and what it simplifies.
 
-pub mod attribution;
-pub mod cluster;
-pub mod container;
-pub mod deployment;
-pub mod endpoints;
-pub mod httpc;
-pub mod k6;
-pub mod kubelet;
+pub mod api;
+pub mod control_plane;
 pub mod load;
-pub mod manifest;
-pub mod net;
-pub mod pods;
-pub mod probes;
-pub mod progress;
+pub mod network;
+pub mod node;
 pub mod report;
 pub mod scenario;
-pub mod service_proxy;
-pub mod timeline;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -36,8 +25,8 @@ use serde::Serialize;
 
 use crate::config::ConfigFile;
 use crate::otlp_receiver::OtlpReceiver;
-use manifest::Manifest;
-use report::RunResult;
+use api::manifest::Manifest;
+use report::result::RunResult;
 use scenario::RunConfig;
 
 /// The overlays rendered by deploy/render.sh, compiled in so `graceful lab` needs no checkout.
@@ -174,7 +163,7 @@ fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
             let names: Vec<&str> = embedded.iter().map(|(n, _)| *n).collect();
             format!("--overlay {name}: not embedded (embedded: {}); use -f FILE", names.join(", "))
         })?;
-        out.push(Input { name: name.clone(), manifest: manifest::parse(name, text)? });
+        out.push(Input { name: name.clone(), manifest: api::manifest::parse(name, text)? });
     }
     for f in &args.files {
         let (name, text) = if f == "-" {
@@ -189,7 +178,7 @@ fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
                 .unwrap_or_else(|| f.clone());
             (stem, text)
         };
-        out.push(Input { manifest: manifest::parse(&name, &text)?, name });
+        out.push(Input { manifest: api::manifest::parse(&name, &text)?, name });
     }
     let mut seen = std::collections::HashMap::new();
     for i in &mut out {
@@ -316,7 +305,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         Some(script) => {
             let script =
                 std::fs::canonicalize(script).with_context(|| format!("--k6 {}: no such script", script.display()))?;
-            Some((k6::find_k6().context("--k6")?, script))
+            Some((load::k6::find_k6().context("--k6")?, script))
         }
         None => None,
     };
@@ -371,13 +360,13 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBu
         }
     };
     let exe = std::env::current_exe().context("locating this binary (the pods run it)")?;
-    let net = Arc::new(net::Net::detect());
+    let net = Arc::new(network::ipam::Net::detect());
     let receiver = if args.no_tracing {
         None
     } else {
         Some(OtlpReceiver::start("127.0.0.1:0".parse().unwrap()).context("starting the OTLP receiver")?)
     };
-    let progress = progress::Progress::new(args.quiet);
+    let progress = report::progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     progress.println(&format!(
         "graceful lab: {} at {rate:.0} req/s{}, endpoint lag {}, {} rollout(s){}; run dir {}",
@@ -385,7 +374,11 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBu
         k6.as_ref().map(|(b, s)| format!(" by k6 ({} {})", b.display(), s.display())).unwrap_or_default(),
         lags.iter().map(|l| format!("{:.1} s", l.as_secs_f64())).collect::<Vec<_>>().join(" / "),
         args.rollouts,
-        if matches!(net.mode, net::Mode::SharedLoopback) { " (shared 127.0.0.1: ports remapped)" } else { "" },
+        if matches!(net.mode, network::ipam::Mode::SharedLoopback) {
+            " (shared 127.0.0.1: ports remapped)"
+        } else {
+            ""
+        },
         out.display()
     ));
 
@@ -443,11 +436,11 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBu
 
     if lags.len() > 1 {
         println!("Failures per endpoint lag ({} rollout(s) per run, {rate:.0} req/s):", args.rollouts);
-        println!("{}", report::sweep_table(&results));
+        println!("{}", report::result::sweep_table(&results));
     } else {
-        println!("{}", report::comparison(&results));
+        println!("{}", report::result::comparison(&results));
         for r in &results {
-            if let Some(t) = report::failure_table(r) {
+            if let Some(t) = report::result::failure_table(r) {
                 println!("\n{}: where the {} failures happened", r.name, r.summary.failed);
                 println!("{t}");
             }
@@ -497,9 +490,9 @@ mod tests {
             name: name.into(),
             endpoint_lag_ms: 2000.0,
             rate: 200.0,
-            summary: report::Summary { requests: 1000, failed, ..Default::default() },
+            summary: report::result::Summary { requests: 1000, failed, ..Default::default() },
             rollouts: vec![],
-            attribution: attribution::Report { failed, attributed: failed, ..Default::default() },
+            attribution: report::attribution::Report { failed, attributed: failed, ..Default::default() },
             groups: vec![],
             spans_received: 0,
             run_ms: 0.0,

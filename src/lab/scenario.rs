@@ -8,21 +8,21 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
 
-use super::attribution::{self, Inputs, ProxyRecords};
-use super::cluster::{ms, Clock, Cluster};
-use super::container::ServiceDns;
-use super::deployment::DeploymentCtl;
-use super::endpoints::{self, ServicePort};
-use super::k6::{K6Config, K6Figures, K6Run};
-use super::kubelet::KubeletOptions;
-use super::load::{self, LoadConfig};
-use super::manifest::{namespace_of, Manifest};
-use super::net::Net;
-use super::pods::PodFactory;
-use super::progress::Progress;
-use super::report::{self, RolloutWindow, RunResult};
-use super::service_proxy::ServiceProxy;
-use super::timeline;
+use crate::lab::api::cluster::{ms, Clock, Cluster};
+use crate::lab::api::manifest::{namespace_of, Manifest};
+use crate::lab::control_plane::deployment::DeploymentCtl;
+use crate::lab::control_plane::endpointslice::{self, ServicePort};
+use crate::lab::control_plane::replicaset::PodFactory;
+use crate::lab::load::generator::{self, LoadConfig};
+use crate::lab::load::k6::{K6Config, K6Figures, K6Run};
+use crate::lab::network::ipam::Net;
+use crate::lab::network::service_proxy::ServiceProxy;
+use crate::lab::node::kubelet::KubeletOptions;
+use crate::lab::node::pod_spec::ServiceDns;
+use crate::lab::report::attribution::{self, Inputs, ProxyRecords};
+use crate::lab::report::progress::Progress;
+use crate::lab::report::result::{self, RolloutWindow, RunResult};
+use crate::lab::report::timeline;
 use crate::otlp_receiver::OtlpReceiver;
 
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ fn entry_service(m: &Manifest, wanted: Option<&str>) -> Result<String> {
 /// The Services as played: their proxies and the endpoints controller feeding them.
 struct Proxies {
     list: Vec<(ServicePort, ServiceProxy)>,
-    endpoints: endpoints::Controller,
+    endpoints: endpointslice::Controller,
 }
 
 pub async fn run(
@@ -131,7 +131,7 @@ pub async fn run(
             });
         }
     }
-    let (controller, views) = endpoints::start(cluster.clone(), ports.clone(), cfg.lag);
+    let (controller, views) = endpointslice::start(cluster.clone(), ports.clone(), cfg.lag);
     let mut proxies = Proxies { list: Vec::new(), endpoints: controller };
     let mut dns = Vec::new();
     let mut cluster_ips = std::collections::BTreeMap::new();
@@ -219,8 +219,8 @@ pub async fn run(
     });
     let groups = attribution::groups(&attribution.items);
     let summary = match &k6 {
-        Some(f) => report::summary_from_k6(f, &windows),
-        None => report::summarize(&requests, &windows),
+        Some(f) => result::summary_from_k6(f, &windows),
+        None => result::summarize(&requests, &windows),
     };
     let timeline_path = cfg.run_dir.join("timeline.svg");
     let mut result = RunResult {
@@ -246,7 +246,7 @@ pub async fn run(
     Ok(result)
 }
 
-type Driven = (Vec<load::RequestRecord>, Vec<RolloutWindow>, Duration, Option<K6Figures>);
+type Driven = (Vec<generator::RequestRecord>, Vec<RolloutWindow>, Duration, Option<K6Figures>);
 
 async fn drive(
     cfg: &RunConfig,
@@ -271,13 +271,13 @@ async fn drive(
         .find(|(sp, _)| sp.service.split(':').next() == Some(entry))
         .context("the entry Service has no port")?;
     enum Source {
-        Lab(load::LoadRun),
+        Lab(generator::LoadRun),
         K6(Box<K6Run>),
     }
     let run_started = tokio::time::Instant::now();
     let source = match &cfg.k6 {
         None => {
-            let load = load::start(
+            let load = generator::start(
                 LoadConfig {
                     target: entry_proxy.addr,
                     host: entry.to_string(),

@@ -14,9 +14,9 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::cluster::{ser_ms, ser_opt_ms, Pod};
-use super::kubelet::PodHandle;
-use super::pods::{template_hash, PodFactory};
+use crate::lab::api::cluster::{ser_ms, ser_opt_ms, Pod};
+use crate::lab::control_plane::replicaset::{template_hash, PodFactory};
+use crate::lab::node::kubelet::PodHandle;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Strategy {
@@ -105,7 +105,7 @@ impl DeploymentCtl {
         let template = spec.template.clone();
         Ok(DeploymentCtl {
             hash: template_hash(&template),
-            namespace: super::manifest::namespace_of(&d.metadata),
+            namespace: crate::lab::api::manifest::namespace_of(&d.metadata),
             name,
             replicas,
             strategy,
@@ -326,7 +326,7 @@ mod tests {
     }
 
     fn pod(name: &str, hash: &str, ready_for: Option<u64>) -> Pod {
-        let net = crate::lab::net::Net::new(crate::lab::net::Mode::PerIp).pod(&[]).unwrap();
+        let net = crate::lab::network::ipam::Net::new(crate::lab::network::ipam::Mode::PerIp).pod(&[]).unwrap();
         Pod {
             name: name.into(),
             namespace: "default".into(),

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::cluster::{ms, Clock, Pod};
-use super::load::{Outcome, RequestRecord};
-use super::service_proxy::{ConnRecord, End, Outcome as ProxyOutcome, BLACKHOLE_HOLD};
+use crate::lab::api::cluster::{ms, Clock, Pod};
+use crate::lab::load::generator::{Outcome, RequestRecord};
+use crate::lab::network::service_proxy::{ConnRecord, End, Outcome as ProxyOutcome, BLACKHOLE_HOLD};
 use crate::otlp_receiver::{SpanRecord, KIND_CLIENT, KIND_SERVER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

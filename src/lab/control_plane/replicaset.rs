@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec};
 use rand::Rng;
 
-use super::cluster::{Cluster, Pod};
-use super::container::{self, PodContext, ServiceDns};
-use super::kubelet::{self, KubeletOptions, PodHandle};
-use super::net::Net;
+use crate::lab::api::cluster::{Cluster, Pod};
+use crate::lab::network::ipam::Net;
+use crate::lab::node::kubelet::{self, KubeletOptions, PodHandle};
+use crate::lab::node::pod_spec::{self, PodContext, ServiceDns};
 
 /// The lab's only node.
 pub const NODE_NAME: &str = "lab-node";
@@ -81,7 +81,7 @@ impl PodFactory {
             services: &self.services,
             otlp_endpoint: self.otlp_endpoint.as_deref(),
         };
-        let plan = container::plan(template, &ctx).with_context(|| format!("Deployment/{deployment}: pod {name}"))?;
+        let plan = pod_spec::plan(template, &ctx).with_context(|| format!("Deployment/{deployment}: pod {name}"))?;
         self.cluster.add_pod(Pod {
             name: name.clone(),
             namespace: namespace.to_string(),

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use super::cluster::{Cluster, EventKind, Pod};
+use crate::lab::api::cluster::{Cluster, EventKind, Pod};
 
 /// One endpoint with the EndpointSlice conditions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -212,7 +212,7 @@ async fn propagate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::network::ipam::{Mode, Net};
 
     fn pod(name: &str, ready: bool, deleted: bool) -> Pod {
         let net = Net::new(Mode::PerIp).pod(&[5000]).unwrap();
@@ -269,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn changes_reach_the_proxy_only_after_the_lag() {
-        let cluster = Arc::new(Cluster::new(crate::lab::cluster::Clock::new()));
+        let cluster = Arc::new(Cluster::new(crate::lab::api::cluster::Clock::new()));
         cluster.add_pod(pod("a", true, false));
         cluster.add_pod(pod("b", true, false));
         let lag = Duration::from_millis(400);

@@ -17,8 +17,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::manifest::is_graceful_binary;
-use super::net::PodNet;
+use crate::lab::api::manifest::is_graceful_binary;
+use crate::lab::network::ipam::PodNet;
 
 /// What a probe or hook does, resolved to this machine's addresses.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +147,7 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         None => None,
     };
     let stop_signal = match lifecycle.and_then(|l| l.stop_signal.as_deref()) {
-        Some(s) => super::kubelet::signal_number(s).with_context(|| format!("unknown stopSignal {s}"))?,
+        Some(s) => crate::lab::node::kubelet::signal_number(s).with_context(|| format!("unknown stopSignal {s}"))?,
         None => libc::SIGTERM,
     };
     let grace = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
@@ -584,7 +584,7 @@ fn probe_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::network::ipam::{Mode, Net};
 
     #[test]
     fn expansion_follows_kubernetes_rules() {
@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn rendered_solution_plans_with_pod_addresses() {
         let (_, text) = crate::lab::embedded_overlays().into_iter().find(|(n, _)| *n == "solution").unwrap();
-        let m = crate::lab::manifest::parse("solution", text).unwrap();
+        let m = crate::lab::api::manifest::parse("solution", text).unwrap();
         let d = m.deployments.iter().find(|d| d.metadata.name.as_deref() == Some("backend")).unwrap();
         let template = &d.spec.as_ref().unwrap().template;
         let net = Net::new(Mode::PerIp).pod(&[5000, 5001]).unwrap();

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::cluster::{ms, EventKind};
-use super::report::RunResult;
+use crate::lab::api::cluster::{ms, EventKind};
+use crate::lab::report::result::RunResult;
 
 const W: f64 = 1400.0;
 const LEFT: f64 = 250.0;

@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::cluster::{ser_ms, Clock, Cluster};
-use super::endpoints::{routable, Slice};
+use crate::lab::api::cluster::{ser_ms, Clock, Cluster};
+use crate::lab::control_plane::endpointslice::{routable, Slice};
 
 /// How the proxy handled a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -278,9 +278,9 @@ async fn splice(client: TcpStream, upstream: TcpStream, clock: &Clock) -> (End, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::Clock;
-    use crate::lab::endpoints::Endpoint;
-    use crate::lab::httpc;
+    use crate::lab::api::cluster::Clock;
+    use crate::lab::control_plane::endpointslice::Endpoint;
+    use crate::lab::network::http_client;
 
     async fn http_server(body: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -316,8 +316,8 @@ mod tests {
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![ep("a", a, true)]));
         let proxy = ServiceProxy::start("svc", "127.0.0.1:0".parse().unwrap(), rx, cluster.clone()).await.unwrap();
 
-        let mut conn = httpc::Conn::connect(proxy.addr).await.unwrap();
-        let r = conn.send(&httpc::get("svc", "/", &[], false)).await.unwrap();
+        let mut conn = http_client::Conn::connect(proxy.addr).await.unwrap();
+        let r = conn.send(&http_client::get("svc", "/", &[], false)).await.unwrap();
         assert_eq!(r.body, b"a");
         let rec = proxy.log.lookup(conn.local, cluster.clock.now()).unwrap();
         assert_eq!((rec.pod.as_deref(), rec.outcome), (Some("a"), Outcome::Spliced));
@@ -329,20 +329,21 @@ mod tests {
             l.local_addr().unwrap()
         };
         tx.send(Arc::new(vec![ep("b", dead, true)])).unwrap();
-        let r = conn.send(&httpc::get("svc", "/", &[], false)).await.unwrap();
+        let r = conn.send(&http_client::get("svc", "/", &[], false)).await.unwrap();
         assert_eq!(r.body, b"a");
-        let fresh = httpc::get_once(proxy.addr, "svc", "/", &[]).await;
+        let fresh = http_client::get_once(proxy.addr, "svc", "/", &[]).await;
         assert!(
             matches!(
                 fresh,
-                Err(httpc::HttpError::Reset { got_bytes: false }) | Err(httpc::HttpError::Closed { got_bytes: false })
+                Err(http_client::HttpError::Reset { got_bytes: false })
+                    | Err(http_client::HttpError::Closed { got_bytes: false })
             ),
             "{fresh:?}"
         );
 
         // No endpoints: refused too.
         tx.send(Arc::new(vec![])).unwrap();
-        assert!(httpc::get_once(proxy.addr, "svc", "/", &[]).await.is_err());
+        assert!(http_client::get_once(proxy.addr, "svc", "/", &[]).await.is_err());
         let outcomes: Vec<Outcome> = proxy.log.records().iter().map(|r| r.outcome).collect();
         assert!(outcomes.contains(&Outcome::Refused) && outcomes.contains(&Outcome::NoEndpoints), "{outcomes:?}");
         server.abort();
@@ -362,8 +363,8 @@ mod tests {
         });
         let (_tx, rx) = watch::channel::<Slice>(Arc::new(vec![ep("a", a, true)]));
         let proxy = ServiceProxy::start("svc", "127.0.0.1:0".parse().unwrap(), rx, cluster.clone()).await.unwrap();
-        let r = httpc::get_once(proxy.addr, "svc", "/", &[]).await;
-        assert!(matches!(r, Err(httpc::HttpError::Reset { .. })), "{r:?}");
+        let r = http_client::get_once(proxy.addr, "svc", "/", &[]).await;
+        assert!(matches!(r, Err(http_client::HttpError::Reset { .. })), "{r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let rec = &proxy.log.records()[0];
         assert_eq!(rec.end.map(|e| e.1), Some(End::PodReset));

@@ -22,8 +22,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use super::cluster::Clock;
-use super::load::{LiveStats, Outcome, RequestRecord};
+use crate::lab::api::cluster::Clock;
+use crate::lab::load::generator::{LiveStats, Outcome, RequestRecord};
 
 /// The token k6 prints when the rollout phase begins (loadtest/rolling-update.js).
 pub const ROLLOUT_BANNER: &str = "GRACEFUL-ROLLOUT-PHASE-START";
@@ -458,7 +458,7 @@ impl K6Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::ms;
+    use crate::lab::api::cluster::ms;
 
     #[test]
     fn parses_failure_lines() {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::net::PodNet;
+use crate::lab::network::ipam::PodNet;
 
 /// One time base for the whole run: monotonic offsets, convertible to and from the Unix time
 /// that spans carry. tokio's `Instant` so that tests with a paused clock see the same time.

@@ -13,9 +13,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::cluster::{Cluster, EventKind};
-use super::container::{ContainerPlan, ProbePlan};
-use super::probes::{self, Thresholds};
+use crate::lab::api::cluster::{Cluster, EventKind};
+use crate::lab::node::pod_spec::{ContainerPlan, ProbePlan};
+use crate::lab::node::prober::{self, Thresholds};
 
 /// The kubelet's extension when preStop used up the grace period.
 const PRESTOP_OVERRUN_EXTENSION: Duration = Duration::from_secs(2);
@@ -334,7 +334,7 @@ async fn terminate(
         cluster.event(name, EventKind::PreStopStarted, "");
         let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
-            r = probes::run(hook, budget, &plan.env, log) => match r {
+            r = prober::run(hook, budget, &plan.env, log) => match r {
                 Ok(()) => cluster.event(name, EventKind::PreStopFinished, ""),
                 Err(e) => {
                     let overran = tokio::time::Instant::now() >= deadline;
@@ -393,7 +393,7 @@ async fn startup_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         t.record(r.is_ok());
         if t.result() {
             cluster.update_pod(&name, |pod| pod.started = true);
@@ -423,7 +423,7 @@ async fn readiness_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         if let Some(ready) = t.record(r.is_ok()) {
             let now = cluster.clock.now();
             cluster.update_pod(&name, |pod| {
@@ -461,7 +461,7 @@ async fn liveness_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         if t.record(r.is_ok()) == Some(false) {
             let why = format!("liveness probe failed: {}", r.err().unwrap_or_default());
             let _ = kill.send((p.grace.unwrap_or(plan.grace), why));
@@ -473,9 +473,9 @@ async fn liveness_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::{Clock, Pod};
-    use crate::lab::container::Handler;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::api::cluster::{Clock, Pod};
+    use crate::lab::network::ipam::{Mode, Net};
+    use crate::lab::node::pod_spec::Handler;
 
     fn plan(script: &str, grace_ms: u64) -> ContainerPlan {
         ContainerPlan {

@@ -1,0 +1,4 @@
+//! The API server's part: the store every controller reads and writes, and manifest admission.
+
+pub mod cluster;
+pub mod manifest;
