@@ -116,11 +116,6 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
-pub fn is_probe_path(path: &str) -> bool {
-    matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
-}
-
 /// Phase, in-flight tracking, `Connection: close` while draining, pod and trace headers, metrics.
 async fn lifecycle_middleware(
     req: ServiceRequest,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use graceful::lab::api::cluster::{Clock, Cluster, Pod};
-use graceful::lab::control_plane::endpointslice::{Endpoint, Slice};
+use graceful::lab::api::endpoint_slice::{Endpoint, Slice};
 use graceful::lab::network::ipam::{Mode, Net};
 use graceful::lab::network::service_proxy::ServiceProxy;
 use tokio::sync::watch;
@@ -50,6 +50,9 @@ impl Proxy {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Default::default(),
+            uid: String::new(),
+            config_error: None,
         });
         let endpoint = Endpoint { pod: pod.into(), addr: backend, ready: true, serving: true, terminating: false };
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![endpoint]));

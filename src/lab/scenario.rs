@@ -9,15 +9,16 @@ use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
 
 use crate::lab::api::cluster::{ms, Clock, Cluster};
+use crate::lab::api::endpoint_slice::ServicePort;
 use crate::lab::api::manifest::{namespace_of, Manifest};
 use crate::lab::control_plane::deployment::DeploymentCtl;
-use crate::lab::control_plane::endpointslice::{self, ServicePort};
+use crate::lab::control_plane::endpointslice;
 use crate::lab::control_plane::replicaset::PodFactory;
 use crate::lab::load::generator::{self, LoadConfig};
 use crate::lab::load::k6::{K6Config, K6Figures, K6Run};
 use crate::lab::network::ipam::Net;
 use crate::lab::network::service_proxy::ServiceProxy;
-use crate::lab::node::kubelet::KubeletOptions;
+use crate::lab::node::kubelet::{Kubelet, NodeConfig};
 use crate::lab::node::pod_spec::ServiceDns;
 use crate::lab::report::attribution::{self, Inputs, ProxyRecords};
 use crate::lab::report::progress::Progress;
@@ -164,16 +165,16 @@ pub async fn run(
         proxies.list.push((sp, proxy));
     }
 
-    let factory = PodFactory {
-        cluster: cluster.clone(),
-        net,
+    let node = NodeConfig {
         exe: cfg.exe.clone(),
         run_dir: cfg.run_dir.clone(),
         config_maps: manifest.config_maps.clone(),
         services: dns,
         otlp_endpoint: receiver.map(|r| r.endpoint()),
-        kubelet: KubeletOptions { sandbox_teardown: cfg.sandbox_teardown },
+        sandbox_teardown: cfg.sandbox_teardown,
     };
+    let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
+    let kubelet = Kubelet::start(cluster.clone(), node);
     let mut ctls: Vec<DeploymentCtl> =
         manifest.deployments.iter().map(DeploymentCtl::from_manifest).collect::<Result<_>>()?;
     for r in &cfg.restart {
@@ -192,9 +193,7 @@ pub async fn run(
         _ => Vec::new(),
     };
     // Whatever happened, no pod outlives its run.
-    for c in &mut ctls {
-        c.kill_all();
-    }
+    drop(kubelet);
     let (requests, windows, run_end, k6) = result?;
     let pods = cluster.pods();
     let entry_records = proxies

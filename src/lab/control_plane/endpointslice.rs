@@ -4,57 +4,16 @@
 //! change reaches the Service proxy only `lag` later, in order, which is the window where a
 //! deleted pod still receives new connections.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::lab::api::cluster::{Cluster, EventKind, Pod};
-
-/// One endpoint with the EndpointSlice conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Endpoint {
-    pub pod: String,
-    pub addr: SocketAddr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-}
-
-pub type Slice = Arc<Vec<Endpoint>>;
-
-/// A Service port as the lab plays it.
-#[derive(Debug, Clone)]
-pub struct ServicePort {
-    /// `svc-backend` (port name appended when a Service has several ports).
-    pub service: String,
-    pub namespace: String,
-    pub selector: BTreeMap<String, String>,
-    pub port: u16,
-    pub target: IntOrString,
-    pub publish_not_ready: bool,
-}
-
-impl ServicePort {
-    fn selects(&self, pod: &Pod) -> bool {
-        pod.namespace == self.namespace && self.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-    }
-
-    fn target_port(&self, pod: &Pod) -> Option<u16> {
-        match &self.target {
-            IntOrString::Int(p) => u16::try_from(*p).ok(),
-            IntOrString::String(name) => match name.parse::<u16>() {
-                Ok(p) => Some(p),
-                Err(_) => pod.named_ports.get(name).copied(),
-            },
-        }
-    }
-}
+use crate::lab::api::endpoint_slice::{Endpoint, ServicePort, Slice};
+use crate::lab::network::service_proxy::routable;
 
 /// What the EndpointSlice controller publishes for `svc` given the pods now.
 pub fn slice_for(svc: &ServicePort, pods: &[Pod], now: Duration) -> Vec<Endpoint> {
@@ -75,16 +34,6 @@ pub fn slice_for(svc: &ServicePort, pods: &[Pod], now: Duration) -> Vec<Endpoint
         .collect();
     out.sort_by(|a, b| a.pod.cmp(&b.pod));
     out
-}
-
-/// kube-proxy's choice for new connections: ready endpoints, or else terminating ones that still
-/// serve (the fallback added with EndpointSlice terminating conditions).
-pub fn routable(slice: &[Endpoint]) -> Vec<&Endpoint> {
-    let ready: Vec<&Endpoint> = slice.iter().filter(|e| e.ready).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    slice.iter().filter(|e| e.serving && e.terminating).collect()
 }
 
 /// The controller's tasks; dropping it stops them.
@@ -213,6 +162,7 @@ async fn propagate(
 mod tests {
     use super::*;
     use crate::lab::network::ipam::{Mode, Net};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn pod(name: &str, ready: bool, deleted: bool) -> Pod {
         let net = Net::new(Mode::PerIp).pod(&[5000]).unwrap();
@@ -235,6 +185,9 @@ mod tests {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Default::default(),
+            uid: String::new(),
+            config_error: None,
         }
     }
 

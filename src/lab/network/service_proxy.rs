@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::lab::api::cluster::{ser_ms, Clock, Cluster};
-use crate::lab::control_plane::endpointslice::{routable, Slice};
+use crate::lab::api::endpoint_slice::{Endpoint, Slice};
 
 /// How the proxy handled a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,6 +94,16 @@ impl ProxyLog {
     pub fn records(&self) -> Vec<ConnRecord> {
         self.records.lock().unwrap().clone()
     }
+}
+
+/// kube-proxy's choice for new connections: ready endpoints, or else terminating ones that still
+/// serve (the fallback added with EndpointSlice terminating conditions).
+pub fn routable(slice: &[Endpoint]) -> Vec<&Endpoint> {
+    let ready: Vec<&Endpoint> = slice.iter().filter(|e| e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    slice.iter().filter(|e| e.serving && e.terminating).collect()
 }
 
 pub struct ServiceProxy {
@@ -279,7 +289,6 @@ async fn splice(client: TcpStream, upstream: TcpStream, clock: &Clock) -> (End, 
 mod tests {
     use super::*;
     use crate::lab::api::cluster::Clock;
-    use crate::lab::control_plane::endpointslice::Endpoint;
     use crate::lab::network::http_client;
 
     async fn http_server(body: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {

@@ -17,6 +17,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use nix::sys::signal::Signal;
+
+use crate::lab::api::cluster::named_ports;
 use crate::lab::api::manifest::is_graceful_binary;
 use crate::lab::network::ipam::PodNet;
 
@@ -52,7 +55,7 @@ pub struct ContainerPlan {
     pub readiness: Option<ProbePlan>,
     pub liveness: Option<ProbePlan>,
     pub pre_stop: Option<Handler>,
-    pub stop_signal: i32,
+    pub stop_signal: Signal,
     pub grace: Duration,
     /// Named container ports, for named targetPorts and probe ports.
     pub named_ports: BTreeMap<String, u16>,
@@ -115,12 +118,7 @@ fn role_listeners(role: &str) -> Option<[(&'static str, &'static str, u16); 2]> 
 pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPlan> {
     let spec = template.spec.as_ref().context("pod template has no spec")?;
     let c = spec.containers.first().context("pod template has no container")?;
-    let named_ports: BTreeMap<String, u16> = c
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
-        .collect();
+    let named_ports = named_ports(c);
     let container_ports: Vec<u16> =
         c.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
 
@@ -147,8 +145,8 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         None => None,
     };
     let stop_signal = match lifecycle.and_then(|l| l.stop_signal.as_deref()) {
-        Some(s) => crate::lab::node::kubelet::signal_number(s).with_context(|| format!("unknown stopSignal {s}"))?,
-        None => libc::SIGTERM,
+        Some(s) => crate::lab::api::signal::stop_signal(s).with_context(|| format!("unknown stopSignal {s}"))?,
+        None => Signal::SIGTERM,
     };
     let grace = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
     let cwd = c.working_dir.as_deref().map(|d| PathBuf::from(remap_paths(d, &mounts))).filter(|p| p.is_dir());
