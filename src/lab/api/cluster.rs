@@ -125,18 +125,41 @@ impl Pod {
     }
 
     /// Where in its life the pod was at `t`, from the lab's own records.
-    pub fn phase_at(&self, t: Duration) -> &'static str {
+    pub fn phase_at(&self, t: Duration) -> PodPhase {
         if self.exited.is_some_and(|e| t >= e) && self.deleted.is_some() {
-            "exited"
+            PodPhase::Exited
         } else if self.sigterm.is_some_and(|s| t >= s) {
-            "after-sigterm"
+            PodPhase::AfterSigterm
         } else if self.deleted.is_some_and(|d| t >= d) {
-            "prestop"
+            PodPhase::PreStop
         } else if self.ready_since.is_some_and(|r| t >= r) {
-            "serving"
+            PodPhase::Serving
         } else {
-            "starting"
+            PodPhase::Starting
         }
+    }
+}
+
+/// A pod's shutdown phase at some moment, as the lab's records tell it (attribution's fallback
+/// when no span says it; the timeline's lanes are a different, finer view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    Starting,
+    Serving,
+    PreStop,
+    AfterSigterm,
+    Exited,
+}
+
+impl std::fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PodPhase::Starting => "starting",
+            PodPhase::Serving => "serving",
+            PodPhase::PreStop => "prestop",
+            PodPhase::AfterSigterm => "after-sigterm",
+            PodPhase::Exited => "exited",
+        })
     }
 }
 

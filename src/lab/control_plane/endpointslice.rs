@@ -91,7 +91,7 @@ pub fn start(
     for svc in &services {
         let (view_tx, view_rx) = watch::channel::<Slice>(Arc::new(Vec::new()));
         let (q_tx, q_rx) = mpsc::unbounded_channel::<(Duration, Slice)>();
-        tasks.push(tokio::spawn(propagate(cluster.clone(), svc.service.clone(), q_rx, view_tx, lag, pending.clone())));
+        tasks.push(tokio::spawn(propagate(cluster.clone(), svc.label(), q_rx, view_tx, lag, pending.clone())));
         queues.push(q_tx);
         views.push(view_rx);
     }
@@ -194,6 +194,7 @@ mod tests {
     fn svc() -> ServicePort {
         ServicePort {
             service: "svc-backend".into(),
+            port_label: None,
             namespace: "default".into(),
             selector: [("app".to_string(), "backend".to_string())].into(),
             port: 5000,
