@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::lab::api::cluster::{Cluster, EventKind, Pod};
 use crate::lab::api::endpoint_slice::{Endpoint, ServicePort, Slice};
@@ -36,9 +37,9 @@ pub fn slice_for(svc: &ServicePort, pods: &[Pod], now: Duration) -> Vec<Endpoint
     out
 }
 
-/// The controller's tasks; dropping it stops them.
+/// The controller's tasks; dropping it stops them (a JoinSet aborts its tasks on drop).
 pub struct Controller {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: JoinSet<()>,
     /// Slices published and not yet applied by a proxy.
     pending: Arc<AtomicUsize>,
 }
@@ -70,14 +71,6 @@ impl Controller {
 /// The controller's resync period (pod `gone` times are noticed on it).
 const TICK: Duration = Duration::from_millis(100);
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
 /// Starts the controller and, per Service port, the lagged propagation; returns the proxies' views.
 pub fn start(
     cluster: Arc<Cluster>,
@@ -86,17 +79,17 @@ pub fn start(
 ) -> (Controller, Vec<watch::Receiver<Slice>>) {
     let mut queues = Vec::new();
     let mut views = Vec::new();
-    let mut tasks = Vec::new();
+    let mut tasks = JoinSet::new();
     let pending = Arc::new(AtomicUsize::new(0));
     for svc in &services {
         let (view_tx, view_rx) = watch::channel::<Slice>(Arc::new(Vec::new()));
         let (q_tx, q_rx) = mpsc::unbounded_channel::<(Duration, Slice)>();
-        tasks.push(tokio::spawn(propagate(cluster.clone(), svc.label(), q_rx, view_tx, lag, pending.clone())));
+        tasks.spawn(propagate(cluster.clone(), svc.label(), q_rx, view_tx, lag, pending.clone()));
         queues.push(q_tx);
         views.push(view_rx);
     }
-    tasks.push(tokio::spawn(controller(cluster, services, queues, pending.clone())));
-    (Controller { tasks, pending }, views)
+    tasks.spawn(controller(cluster, services, queues, pending.clone()));
+    (Controller { _tasks: tasks, pending }, views)
 }
 
 async fn controller(

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::lab::api::cluster::{ser_ms, Clock, Cluster};
 use crate::lab::api::endpoint_slice::{Endpoint, Slice};
@@ -110,13 +111,8 @@ pub struct ServiceProxy {
     pub service: String,
     pub addr: SocketAddr,
     pub log: Arc<ProxyLog>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ServiceProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept loop; dropping the proxy stops it.
+    _task: AbortOnDropHandle<()>,
 }
 
 /// How long a connection to a vanished pod address hangs before it fails: Linux gives up
@@ -143,8 +139,8 @@ impl ServiceProxy {
         };
         let addr = listener.local_addr()?;
         let log = Arc::new(ProxyLog::default());
-        let task = tokio::spawn(accept_loop(listener, view, cluster, log.clone()));
-        Ok(ServiceProxy { service: service.to_string(), addr, log, task })
+        let task = AbortOnDropHandle::new(tokio::spawn(accept_loop(listener, view, cluster, log.clone())));
+        Ok(ServiceProxy { service: service.to_string(), addr, log, _task: task })
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::Context;
 use k8s_openapi::api::core::v1::ConfigMap;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use nix::sys::signal::Signal;
@@ -185,15 +185,43 @@ fn describe_exit(s: &std::process::ExitStatus) -> String {
     }
 }
 
-/// Tasks that must not outlive the container they watch (nor an aborted worker).
-struct Tasks(Vec<JoinHandle<()>>);
+/// A running container's probe workers. Readiness (and startup) go on while the pod terminates,
+/// liveness stops at once; all of them stop with the container (or an aborted worker).
+struct Probes {
+    /// Held, not read: dropping the set aborts its tasks.
+    _readiness: JoinSet<()>,
+    liveness: Option<AbortOnDropHandle<()>>,
+    /// Kill requests from a failed startup or liveness probe: (grace, why).
+    kills: mpsc::UnboundedReceiver<(Duration, String)>,
+}
 
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
+fn start_probes(cluster: &Arc<Cluster>, name: &str, plan: &Arc<ContainerPlan>, log: &std::path::Path) -> Probes {
+    let (kill_tx, kills) = mpsc::unbounded_channel::<(Duration, String)>();
+    let (started_tx, started_rx) = watch::channel(plan.startup.is_none());
+    let mut readiness = JoinSet::new();
+    let (name, log) = (name.to_string(), log.to_path_buf());
+    if let Some(p) = plan.startup.clone() {
+        let (c, n, pl, l) = (cluster.clone(), name.clone(), plan.clone(), log.clone());
+        readiness.spawn(startup_probe(c, n, p, pl, l, started_tx, kill_tx.clone()));
     }
+    if let Some(p) = plan.readiness.clone() {
+        readiness.spawn(readiness_probe(
+            cluster.clone(),
+            name.clone(),
+            p,
+            plan.clone(),
+            log.clone(),
+            started_rx.clone(),
+        ));
+    } else {
+        // No readiness probe: Ready as soon as the container has started.
+        readiness.spawn(ready_when_started(cluster.clone(), name.clone(), started_rx.clone()));
+    }
+    let liveness = plan
+        .liveness
+        .clone()
+        .map(|p| AbortOnDropHandle::new(tokio::spawn(liveness_probe(p, plan.clone(), log, started_rx, kill_tx))));
+    Probes { _readiness: readiness, liveness, kills }
 }
 
 /// Why a container's run ended.
@@ -237,67 +265,31 @@ async fn worker(
         });
         cluster.event(&name, EventKind::ContainerStarted, format!("pid {}", child.id().unwrap_or(0)));
 
-        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<(Duration, String)>();
-        let (started_tx, started_rx) = watch::channel(plan.startup.is_none());
-        let mut probe_tasks = Tasks(Vec::new());
-        if let Some(p) = plan.startup.clone() {
-            probe_tasks.0.push(tokio::spawn(startup_probe(
-                cluster.clone(),
-                name.clone(),
-                p,
-                plan.clone(),
-                log.clone(),
-                started_tx,
-                kill_tx.clone(),
-            )));
-        }
-        if let Some(p) = plan.readiness.clone() {
-            probe_tasks.0.push(tokio::spawn(readiness_probe(
-                cluster.clone(),
-                name.clone(),
-                p,
-                plan.clone(),
-                log.clone(),
-                started_rx.clone(),
-            )));
-        } else {
-            // No readiness probe: Ready as soon as the container has started.
-            probe_tasks.0.push(tokio::spawn(ready_when_started(cluster.clone(), name.clone(), started_rx.clone())));
-        }
-        let liveness = Tasks(
-            plan.liveness
-                .clone()
-                .map(|p| {
-                    tokio::spawn(liveness_probe(p, plan.clone(), log.clone(), started_rx.clone(), kill_tx.clone()))
-                })
-                .into_iter()
-                .collect(),
-        );
-        drop(kill_tx);
+        let mut probes = start_probes(&cluster, &name, &plan, &log);
 
         let ended = tokio::select! {
             s = child.wait() => Ended::Exited(s.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())),
             _ = deleted.wait() => Ended::Deleted,
-            Some((grace, why)) = kill_rx.recv() => Ended::ProbeKill(grace, why),
+            Some((grace, why)) = probes.kills.recv() => Ended::ProbeKill(grace, why),
         };
         // Liveness probes stop once the pod is terminating; readiness goes on.
-        drop(liveness);
+        drop(probes.liveness.take());
         match ended {
             Ended::Deleted => {
                 let at = cluster.pod(&name).and_then(|p| p.deleted).unwrap_or_else(|| cluster.clock.now());
                 terminate(&cluster, &name, &plan, &log, &mut child, at, plan.grace).await;
-                stop_probes(&cluster, &name, probe_tasks);
+                stop_probes(&cluster, &name, probes);
                 break;
             }
             Ended::ProbeKill(grace, why) => {
                 cluster.event(&name, EventKind::ProbeFailed, format!("{why}; container will be restarted"));
                 terminate(&cluster, &name, &plan, &log, &mut child, cluster.clock.now(), grace).await;
-                stop_probes(&cluster, &name, probe_tasks);
+                stop_probes(&cluster, &name, probes);
             }
             Ended::Exited(how) => {
                 cluster.update_pod(&name, |p| p.exited = Some(cluster.clock.now()));
                 cluster.event(&name, EventKind::Exited, how);
-                stop_probes(&cluster, &name, probe_tasks);
+                stop_probes(&cluster, &name, probes);
                 if deleted.requested() {
                     break;
                 }
@@ -338,8 +330,8 @@ async fn backoff(deleted: &mut Deletion, restarts: u32) -> bool {
     woke || deleted.requested()
 }
 
-fn stop_probes(cluster: &Cluster, name: &str, tasks: Tasks) {
-    drop(tasks);
+fn stop_probes(cluster: &Cluster, name: &str, probes: Probes) {
+    drop(probes);
     cluster.update_pod(name, |p| {
         p.running = false;
         p.started = false;
