@@ -7,6 +7,10 @@
 //! See benches/README.md for what each figure means and how it is taken.
 
 mod http;
+/// The process harness shared with the black-box tests.
+#[path = "../../tests/common/process.rs"]
+#[allow(dead_code)] // each user takes the part it needs
+mod process;
 mod procs;
 mod proxy;
 mod wrk;
@@ -605,7 +609,7 @@ impl Bench {
 
         // The traced pair flushes its batch exporter on the way out; count what arrived.
         for p in [&mut f1, &mut b1, &mut f2, &mut b2] {
-            p.signal(libc::SIGTERM);
+            p.signal(nix::sys::signal::Signal::SIGTERM);
         }
         for p in [&mut f1, &mut b1, &mut f2, &mut b2] {
             if p.wait_exit(Duration::from_secs(10)).is_none() {
@@ -1056,7 +1060,7 @@ fn time_to_exit(spec: &Spec, keepalive: usize, requests: usize, drain: Duration)
         bail!("{}: only {open} of {keepalive} keep-alive connections stayed open before SIGTERM", spec.role);
     }
     let sigterm = SystemTime::now();
-    p.signal(libc::SIGTERM);
+    p.signal(nix::sys::signal::Signal::SIGTERM);
     let bound = drain + Duration::from_secs(20);
     let (status, gone) = p.wait_exit(bound).ok_or_else(|| anyhow!("{} did not exit within {bound:?}", spec.role))?;
     drop(held);

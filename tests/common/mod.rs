@@ -1,21 +1,38 @@
 //! Shared helpers for black-box tests: spawn the real binary on loopback, talk raw HTTP/1.1.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+pub use process::Process;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_graceful");
 
-/// A running role, killed on drop.
+/// A running role, killed on drop (the shared harness in process.rs, plus its addresses).
 pub struct Proc {
-    pub child: Child,
+    pub process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// The harness's fields (`child`, `pid`, `log`) and methods read through a `Proc`.
+impl std::ops::Deref for Proc {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 /// Starts `graceful <role>` on ephemeral loopback ports and waits (bounded) until it serves.
@@ -30,83 +47,34 @@ pub fn spawn_with(mut cmd: Command, role: &str, args: &[&str], env: &[(&str, &st
         .args(args)
         .env("GRACEFUL_TELEMETRY__LOG_FORMAT", "json")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn graceful");
-    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("\"message\":\"serving\"") && line.contains("\"listen\"") {
-                let _ = tx.send(line.clone());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let err = child.stderr.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(format!("stderr: {line}"));
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("{role} did not start within 15 s; logs: {:#?}", logs.lock().unwrap());
-        }
-    };
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = v["listen"].as_str().unwrap().parse().unwrap();
-    let admin = v["admin"].as_str().unwrap().parse().unwrap();
-    Proc { child, addr, admin, logs }
+    let mut process = Process::spawn(cmd).expect("spawn graceful");
+    match process.wait_serving(Duration::from_secs(15)) {
+        Ok(l) => Proc { process, addr: l.listen, admin: l.admin },
+        Err(e) => panic!("{role} {e}"),
+    }
 }
 
 impl Proc {
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.pid
     }
 
+    /// `sig` as a raw number (libc::SIGTERM …), for the tests' brevity.
     pub fn signal(&self, sig: i32) {
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        self.process.signal(Signal::try_from(sig).expect("a signal number"));
     }
 
     /// Waits for exit, at most `bound`.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.process.wait_exit(bound).map(|(status, _)| status)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
-    }
-
-    pub fn log_text(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
