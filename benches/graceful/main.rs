@@ -951,7 +951,7 @@ impl Bench {
             }
             println!("{t}");
         }
-        section("Lab Service proxy (graceful::lab::service_proxy) vs direct");
+        section("Lab Service proxy (graceful::lab::network::service_proxy) vs direct");
         let p = &r.service_proxy;
         if p.status == "measured" {
             print_cases(&p.cases);

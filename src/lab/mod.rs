@@ -1,10 +1,12 @@
 //! `graceful lab`: Kubernetes' termination race played on one machine, around the real binary.
 //!
-//! The lab plays the cluster's part — kube-proxy and endpoints (`service_proxy`, `endpoints`),
-//! the kubelet (`kubelet`, `probes`, `container`), the Deployment controller (`deployment`) —
-//! for the objects of a rendered overlay (`manifest`), puts open-model load through the
-//! frontend Service (`load`), rolls the Deployments, and explains every failed request from the
-//! pods' spans (`attribution`). See docs/lab.md for what it mirrors and what it simplifies.
+//! One folder per Kubernetes part: `api` (the store every controller acts through, manifest
+//! admission), `control_plane` (Deployment, ReplicaSet, EndpointSlice controllers), `node` (the
+//! kubelet, its prober, pod spec → process), `network` (addresses, kube-proxy), `load` (the
+//! generator, k6) and `report` (results, attribution, timeline). `scenario` wires one run: the
+//! objects of a rendered overlay, open-model load through the frontend Service, the rollouts,
+//! and every failed request explained from the pods' spans. Dependencies point one way, in that
+//! order. See docs/lab.md for what it mirrors and what it simplifies.
 
 pub mod api;
 pub mod control_plane;

@@ -1,28 +1,70 @@
-//! A deliberately small HTTP/1.1 client on plain tokio sockets, for the load generator and the
-//! kubelet's httpGet probes. Small so the lab sees exactly what the wire did: which local socket
-//! carried a request (to join it with the Service proxy's connection record), whether the
-//! connection was fresh or reused, and reset vs. orderly close vs. short body.
+//! The lab's HTTP/1.1 client, for the load generator and the kubelet's httpGet probes: hyper's
+//! client connection over a socket the lab connects itself, so it still sees what the wire did —
+//! which local socket carried a request (to join it with the Service proxy's connection record),
+//! whether the connection was fresh or reused, whether any response byte had arrived (a
+//! byte-counting IO wrapper), and reset vs. orderly close vs. short body.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::{header, Method, Request, Version};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Largest header block accepted; our servers send a few hundred bytes.
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest body accepted.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
-#[derive(Debug)]
-pub struct Conn {
-    stream: TcpStream,
-    pub local: SocketAddr,
-    pub last_used: Instant,
-    /// Requests completed on this connection.
-    pub uses: u32,
-    buf: Vec<u8>,
+/// A request as the lab sends it (built once, sent as often as needed).
+#[derive(Debug, Clone)]
+pub struct Call {
+    method: Method,
+    host: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    close: bool,
+}
+
+/// A GET with extra headers; `close` asks the server to close the connection after it.
+pub fn get(host: &str, path: &str, headers: &[(&str, &str)], close: bool) -> Call {
+    let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Call { method: Method::GET, host: host.to_string(), path: path.to_string(), headers, body: Bytes::new(), close }
+}
+
+/// A POST of `body` (with its Content-Length) with extra headers.
+pub fn post(host: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>, close: bool) -> Call {
+    Call { method: Method::POST, body: body.into(), ..get(host, path, headers, close) }
+}
+
+impl Call {
+    fn request(&self) -> Result<Request<Full<Bytes>>, HttpError> {
+        let mut b = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header(header::HOST, self.host.as_str())
+            .header(header::USER_AGENT, "graceful-lab")
+            .header(header::ACCEPT, "*/*");
+        for (k, v) in &self.headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        if self.close {
+            b = b.header(header::CONNECTION, "close");
+        }
+        b.body(Full::new(self.body.clone())).map_err(|e| HttpError::Malformed(format!("request: {e}")))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -61,17 +103,91 @@ fn is_reset(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted)
 }
 
-/// Request bytes for a GET with extra headers.
-pub fn get(host: &str, path: &str, headers: &[(&str, &str)], close: bool) -> Vec<u8> {
-    let mut s = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: graceful-lab\r\nAccept: */*\r\n");
-    for (k, v) in headers {
-        s.push_str(&format!("{k}: {v}\r\n"));
+/// The I/O error under a hyper error, if the wire caused it.
+fn io_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
     }
-    if close {
-        s.push_str("Connection: close\r\n");
+    None
+}
+
+/// What hyper reports before the response head, in the lab's terms.
+fn head_error(e: hyper::Error, got_bytes: bool) -> HttpError {
+    match io_cause(&e) {
+        Some(io) if is_reset(io) => HttpError::Reset { got_bytes },
+        _ if e.is_incomplete_message() || e.is_canceled() || e.is_closed() => HttpError::Closed { got_bytes },
+        _ if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() => HttpError::Malformed(e.to_string()),
+        Some(io) => HttpError::Io(io::Error::new(io.kind(), e.to_string())),
+        None => HttpError::Closed { got_bytes },
     }
-    s.push_str("\r\n");
-    s.into_bytes()
+}
+
+/// The socket as hyper reads and writes it, shared with the connection so a pooled connection
+/// can be checked for a peer close, counting the bytes read.
+struct Wire {
+    stream: Arc<TcpStream>,
+    read: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    self.read.fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// The socket closes when the last handle drops; nothing to half-close before that.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+pub struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    stream: Arc<TcpStream>,
+    /// Bytes read from the socket so far (all requests).
+    read: Arc<AtomicU64>,
+    /// hyper's connection task; dropping the Conn ends it.
+    _driver: AbortOnDropHandle<()>,
+    pub local: SocketAddr,
+    pub last_used: Instant,
+    /// Requests completed on this connection.
+    pub uses: u32,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("local", &self.local).field("uses", &self.uses).finish()
+    }
 }
 
 impl Conn {
@@ -109,177 +225,100 @@ impl Conn {
         let Some(local_addr) = local else {
             return (None, Err(HttpError::Connect(io::Error::other("no local address"))));
         };
-        (local, Ok(Conn { stream, local: local_addr, last_used: Instant::now(), uses: 0, buf: Vec::new() }))
+        (local, Conn::handshake(stream, local_addr).await)
+    }
+
+    async fn handshake(stream: TcpStream, local: SocketAddr) -> Result<Conn, HttpError> {
+        let stream = Arc::new(stream);
+        let read = Arc::new(AtomicU64::new(0));
+        let wire = Wire { stream: stream.clone(), read: read.clone() };
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(MAX_HEAD.max(8192))
+            .handshake(TokioIo::new(wire))
+            .await
+            .map_err(|e| head_error(e, false))?;
+        let driver = AbortOnDropHandle::new(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        Ok(Conn { sender, stream, read, _driver: driver, local, last_used: Instant::now(), uses: 0 })
     }
 
     /// True when the peer has closed (or sent something unasked): not safe to reuse. Good
-    /// clients check this before reusing a pooled connection.
+    /// clients check this before reusing a pooled connection. Reads the socket directly: an EOF
+    /// or reset stays readable, so hyper's own idle read cannot hide it.
     pub fn is_stale(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => !self.buf.is_empty(),
-            _ => true,
+        if self.sender.is_closed() {
+            return true;
         }
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Sends one request and reads one response. No timeout here: callers bound it.
-    pub async fn send(&mut self, request: &[u8]) -> Result<Response, HttpError> {
-        if let Err(e) = self.stream.write_all(request).await {
-            return Err(if is_reset(&e) { HttpError::Reset { got_bytes: false } } else { HttpError::Io(e) });
+    pub async fn send(&mut self, call: &Call) -> Result<Response, HttpError> {
+        let before = self.read.load(Ordering::Relaxed);
+        let got_bytes = || self.read.load(Ordering::Relaxed) > before;
+        let request = call.request()?;
+        if self.sender.ready().await.is_err() {
+            return Err(HttpError::Closed { got_bytes: false });
         }
-        let resp = self.read_response().await?;
+        let resp = self.sender.send_request(request).await.map_err(|e| head_error(e, got_bytes()))?;
+        let status = resp.status().as_u16();
+        let http10 = resp.version() == Version::HTTP_10;
+        let headers: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let framed = resp.headers().contains_key(header::CONTENT_LENGTH)
+            || resp.headers().get(header::TRANSFER_ENCODING).is_some_and(|v| v.as_bytes().ends_with(b"chunked"));
+        let body = match Limited::new(resp.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(e) => return Err(body_error(e, framed)),
+        };
+        let says_close = headers.iter().any(|(k, v)| k == "connection" && v.to_ascii_lowercase().contains("close"));
+        let says_keep_alive = headers.iter().any(|(k, _)| k == "connection");
+        let no_body = status == 204 || status == 304;
+        // HTTP/1.0 closes unless it says otherwise.
+        let keep_alive = (framed || no_body) && !says_close && (!http10 || says_keep_alive);
         self.uses += 1;
         self.last_used = Instant::now();
-        Ok(resp)
-    }
-
-    /// Reads more bytes into the buffer; Ok(false) on EOF.
-    async fn fill(&mut self, got_bytes: bool) -> Result<bool, HttpError> {
-        let mut chunk = [0u8; 8192];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) => Ok(false),
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(true)
-            }
-            Err(e) if is_reset(&e) => Err(HttpError::Reset { got_bytes }),
-            Err(e) => Err(HttpError::Io(e)),
-        }
-    }
-
-    async fn read_response(&mut self) -> Result<Response, HttpError> {
-        loop {
-            let (status, headers, head_len) = loop {
-                if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                    let (status, headers) = parse_head(&self.buf[..end])?;
-                    break (status, headers, end + 4);
-                }
-                if self.buf.len() > MAX_HEAD {
-                    return Err(HttpError::Malformed("header block too large".into()));
-                }
-                let got = !self.buf.is_empty();
-                if !self.fill(got).await? {
-                    return Err(HttpError::Closed { got_bytes: got });
-                }
-            };
-            self.buf.drain(..head_len);
-            // Interim 1xx responses precede the real one.
-            if (100..200).contains(&status) {
-                continue;
-            }
-            let find_h = |name: &str| {
-                headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_ascii_lowercase())
-            };
-            let close = find_h("connection").is_some_and(|v| v.contains("close"));
-            let chunked = find_h("transfer-encoding").is_some_and(|v| v.contains("chunked"));
-            let length = find_h("content-length").map(|v| v.trim().parse::<usize>());
-            let body = if status == 204 || status == 304 {
-                Vec::new()
-            } else if chunked {
-                self.read_chunked().await?
-            } else if let Some(len) = length {
-                let len = len.map_err(|_| HttpError::Malformed("bad Content-Length".into()))?;
-                if len > MAX_BODY {
-                    return Err(HttpError::Malformed("body too large".into()));
-                }
-                while self.buf.len() < len {
-                    match self.fill(true).await {
-                        Ok(true) => {}
-                        Ok(false) | Err(HttpError::Reset { .. }) => return Err(HttpError::BodyIncomplete),
-                        Err(e) => return Err(e),
-                    }
-                }
-                self.buf.drain(..len).collect()
-            } else {
-                // No length: the body runs to the end of the connection.
-                while self.fill(true).await? {
-                    if self.buf.len() > MAX_BODY {
-                        return Err(HttpError::Malformed("body too large".into()));
-                    }
-                }
-                return Ok(Response { status, headers, body: std::mem::take(&mut self.buf), keep_alive: false });
-            };
-            return Ok(Response { status, headers, body, keep_alive: !close });
-        }
-    }
-
-    async fn read_chunked(&mut self) -> Result<Vec<u8>, HttpError> {
-        let mut body = Vec::new();
-        loop {
-            let line_end = loop {
-                if let Some(i) = find(&self.buf, b"\r\n") {
-                    break i;
-                }
-                if !self.fill(true).await.map_err(|_| HttpError::BodyIncomplete)? {
-                    return Err(HttpError::BodyIncomplete);
-                }
-            };
-            let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| HttpError::Malformed(format!("bad chunk size `{size_text}`")))?;
-            self.buf.drain(..line_end + 2);
-            if body.len() + size > MAX_BODY {
-                return Err(HttpError::Malformed("body too large".into()));
-            }
-            // The chunk plus its CRLF (the last chunk is followed by an empty trailer line).
-            while self.buf.len() < size + 2 {
-                if !self.fill(true).await.map_err(|_| HttpError::BodyIncomplete)? {
-                    return Err(HttpError::BodyIncomplete);
-                }
-            }
-            body.extend_from_slice(&self.buf[..size]);
-            self.buf.drain(..size + 2);
-            if size == 0 {
-                return Ok(body);
-            }
-        }
+        Ok(Response { status, headers, body, keep_alive })
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// A body cut short: framed (Content-Length, chunked) → incomplete; one that runs to the end of
+/// the connection ends by a reset only.
+fn body_error(e: Box<dyn std::error::Error + Send + Sync>, framed: bool) -> HttpError {
+    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+        return HttpError::Malformed("body too large".into());
+    }
+    match io_cause(e.as_ref()) {
+        Some(io) if !framed && is_reset(io) => HttpError::Reset { got_bytes: true },
+        _ => HttpError::BodyIncomplete,
+    }
 }
 
-fn parse_head(head: &[u8]) -> Result<(u16, Vec<(String, String)>), HttpError> {
-    let text = std::str::from_utf8(head).map_err(|_| HttpError::Malformed("header block is not UTF-8".into()))?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(HttpError::Malformed(format!("status line `{status_line}`")));
-    }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| HttpError::Malformed(format!("status line `{status_line}`")))?;
-    let mut headers = Vec::new();
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    // HTTP/1.0 closes unless it says keep-alive; treat it as closing.
-    if version == "HTTP/1.0" && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("connection")) {
-        headers.push(("Connection".into(), "close".into()));
-    }
-    Ok((status, headers))
-}
-
-/// One request on a fresh connection that is closed afterwards (how the kubelet probes).
-pub async fn get_once(
+/// One GET on a fresh connection that is closed afterwards (how the kubelet probes).
+pub fn get_once<'a>(
     addr: SocketAddr,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<Response, HttpError> {
+    host: &'a str,
+    path: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+) -> impl Future<Output = Result<Response, HttpError>> + 'a {
+    call_once(addr, get(host, path, headers, true))
+}
+
+/// One request on a fresh connection.
+pub async fn call_once(addr: SocketAddr, call: Call) -> Result<Response, HttpError> {
     let mut conn = Conn::connect(addr).await?;
-    conn.send(&get(host, path, headers, true)).await
+    conn.send(&call).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     async fn serve_once(reply: &'static [u8]) -> SocketAddr {
