@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -47,6 +47,19 @@ pub fn get(host: &str, path: &str, headers: &[(&str, &str)], close: bool) -> Cal
 /// A POST of `body` (with its Content-Length) with extra headers.
 pub fn post(host: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>, close: bool) -> Call {
     Call { method: Method::POST, body: body.into(), ..get(host, path, headers, close) }
+}
+
+/// Any method; an unknown one is an error naming it.
+pub fn call(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Call, HttpError> {
+    let method =
+        Method::from_bytes(method.as_bytes()).map_err(|_| HttpError::Malformed(format!("method `{method}`")))?;
+    Ok(Call { method, body: body.into(), ..get(host, path, headers, false) })
 }
 
 impl Call {
@@ -228,6 +241,20 @@ impl Conn {
         (local, Conn::handshake(stream, local_addr).await)
     }
 
+    /// A client connection over a socket connected elsewhere (the tests' std sockets).
+    pub async fn over(stream: TcpStream) -> Result<Conn, HttpError> {
+        let local = stream.local_addr().map_err(HttpError::Connect)?;
+        Conn::handshake(stream, local).await
+    }
+
+    /// Ends the connection and waits (bounded) until hyper has let go of the socket, so it is
+    /// closed when this returns, whatever runtime runs it.
+    pub async fn close(self) {
+        let Conn { sender, _driver: driver, .. } = self;
+        drop(sender);
+        let _ = tokio::time::timeout(Duration::from_secs(1), driver).await;
+    }
+
     async fn handshake(stream: TcpStream, local: SocketAddr) -> Result<Conn, HttpError> {
         let stream = Arc::new(stream);
         let read = Arc::new(AtomicU64::new(0));
@@ -309,10 +336,12 @@ pub fn get_once<'a>(
     call_once(addr, get(host, path, headers, true))
 }
 
-/// One request on a fresh connection.
+/// One request on a fresh connection, closed before this returns.
 pub async fn call_once(addr: SocketAddr, call: Call) -> Result<Response, HttpError> {
     let mut conn = Conn::connect(addr).await?;
-    conn.send(&call).await
+    let r = conn.send(&call).await;
+    conn.close().await;
+    r
 }
 
 #[cfg(test)]
