@@ -133,7 +133,7 @@ fn head_error(e: hyper::Error, got_bytes: bool) -> HttpError {
     match io_cause(&e) {
         Some(io) if is_reset(io) => HttpError::Reset { got_bytes },
         _ if e.is_incomplete_message() || e.is_canceled() || e.is_closed() => HttpError::Closed { got_bytes },
-        _ if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() => HttpError::Malformed(e.to_string()),
+        _ if e.is_parse() || e.is_parse_status() => HttpError::Malformed(e.to_string()),
         Some(io) => HttpError::Io(io::Error::new(io.kind(), e.to_string())),
         None => HttpError::Closed { got_bytes },
     }

@@ -250,6 +250,8 @@ where
 
 /// Splices until both directions are done; a reset on one side becomes a reset on the other.
 /// Returns who ended it and when the first side closed or failed (not when the other followed).
+/// Hand-written on purpose: tokio's copy_bidirectional turns a peer's reset into an orderly
+/// close and says neither who ended nor when, which is exactly what the race is about.
 async fn splice(client: TcpStream, upstream: TcpStream, clock: &Clock) -> (End, Duration) {
     let first_eof = Mutex::new(None);
     let (mut cr, mut cw) = client.into_split();
