@@ -325,9 +325,9 @@ fn any_to_json(v: Option<&AnyValue>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lab::network::http_client;
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-    use std::io::{Read, Write};
 
     fn export(service: &str, spans: usize) -> Vec<u8> {
         let name = KeyValue {
@@ -346,29 +346,23 @@ mod tests {
         .encode_to_vec()
     }
 
-    fn post(addr: SocketAddr, body: &[u8]) -> String {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let head = format!(
-            "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+    /// The status of one OTLP/HTTP export through the lab's HTTP client.
+    async fn post(addr: SocketAddr, body: &[u8]) -> u16 {
+        let ct = [("content-type", "application/x-protobuf")];
+        let call = http_client::post("x", "/v1/traces", &ct, body.to_vec(), true);
+        let r = tokio::time::timeout(Duration::from_secs(5), http_client::call_once(addr, call)).await;
+        r.expect("answered within 5 s").expect("an HTTP response").status
     }
 
-    #[test]
-    fn keeps_or_only_counts_what_arrives() {
+    #[tokio::test]
+    async fn keeps_or_only_counts_what_arrives() {
         let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let keeping = OtlpReceiver::start(bind).unwrap();
         let counting = OtlpReceiver::start_counting(bind).unwrap();
         for r in [&keeping, &counting] {
-            assert!(post(r.addr(), &export("svc-a", 3)).starts_with("HTTP/1.1 200"));
-            assert!(post(r.addr(), &export("svc-b", 1)).starts_with("HTTP/1.1 200"));
-            assert!(post(r.addr(), b"not protobuf").starts_with("HTTP/1.1 400"));
+            assert_eq!(post(r.addr(), &export("svc-a", 3)).await, 200);
+            assert_eq!(post(r.addr(), &export("svc-b", 1)).await, 200);
+            assert_eq!(post(r.addr(), b"not protobuf").await, 400);
             let c = r.counts();
             assert_eq!((c.spans["svc-a"], c.spans["svc-b"], c.exports), (3, 1, 2), "{c:?}");
         }

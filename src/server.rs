@@ -151,11 +151,6 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
-pub fn is_probe_path(path: &str) -> bool {
-    matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
-}
-
 /// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
 /// `Connection: close` while draining, pod and trace headers, metrics.
 async fn lifecycle_middleware(

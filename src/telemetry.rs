@@ -278,6 +278,12 @@ pub fn request_trace_id(extensions: &actix_web::dev::Extensions) -> String {
     extensions.get::<RequestTraceId>().map(|t| t.0.clone()).unwrap_or_default()
 }
 
+/// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
+/// (Here, not in `server`, so that `server` depends on `telemetry` and not the other way round.)
+pub fn is_probe_path(path: &str) -> bool {
+    matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
+}
+
 /// The server span of every request: the fields that say where a request died, in OpenTelemetry's
 /// semantic-convention names, and the caller's W3C context. Leaner than tracing-actix-web's
 /// default (no request id, no duplicated pre-1.0 `http.*` names): every field is paid for on
@@ -286,7 +292,7 @@ pub struct RequestSpan;
 
 impl RootSpanBuilder for RequestSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        if crate::server::is_probe_path(request.path()) {
+        if is_probe_path(request.path()) {
             return Span::none();
         }
         let route = request.match_pattern();

@@ -61,7 +61,7 @@ fn game_over_log_line_keeps_its_text_in_json() {
         "grep \"game over\" must find the line: {}",
         backend.log_text()
     );
-    let line = backend.logs.lock().unwrap().iter().find(|l| l.contains("\"game over\"")).cloned().unwrap();
+    let line = backend.log.lock().unwrap().lines.iter().find(|l| l.contains("\"game over\"")).cloned().unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["from"], "frontend-x");
     assert_eq!(v["note"], "bye now", "{line}");
@@ -138,7 +138,7 @@ fn a_request_cut_at_shutdown_timeout_exits_one_and_is_named() {
         assert_eq!(status.code(), Some(1), "{}", backend.log_text());
         let logs = backend.log_text();
         assert!(logs.contains("shutdown_timeout reached") && logs.contains("GET /api/data?work_ms=4000"), "{logs}");
-        let drained = backend.logs.lock().unwrap().iter().find(|l| l.contains("\"message\":\"drained\"")).cloned();
+        let drained = backend.log.lock().unwrap().lines.iter().find(|l| l.contains("\"message\":\"drained\"")).cloned();
         let drained: serde_json::Value = serde_json::from_str(&drained.expect("a drained event")).unwrap();
         assert_eq!(drained["in_flight"], 1, "the drained event counts what was cut: {drained}");
         assert!(slow.join().unwrap().is_err(), "the cut request got no answer");
@@ -291,8 +291,8 @@ fn malformed_requests_cannot_flood_the_log() {
         let _ = s.read_to_end(&mut sink);
     }
     std::thread::sleep(Duration::from_millis(100));
-    let errors = backend.logs.lock().unwrap().iter().filter(|l| l.contains("\"target\":\"actix_http")).count();
-    let sample = backend.logs.lock().unwrap().iter().find(|l| l.contains("actix_http")).cloned();
+    let errors = backend.log.lock().unwrap().lines.iter().filter(|l| l.contains("\"target\":\"actix_http")).count();
+    let sample = backend.log.lock().unwrap().lines.iter().find(|l| l.contains("actix_http")).cloned();
     assert!(errors <= 2, "{errors} actix_http lines for 40 bad requests: {sample:?}");
 }
 

@@ -31,8 +31,8 @@ fn k6() -> &'static Path {
     static K6: OnceLock<PathBuf> = OnceLock::new();
     K6.get_or_init(|| {
         // The lab's own lookup ($K6, PATH, Python's scripts dir): the tests find what users' runs find.
-        let hint = format!("k6 is required for tests/k6.rs: {}", graceful::lab::k6::INSTALL_HINT);
-        let k6 = graceful::lab::k6::find_k6().unwrap_or_else(|e| panic!("{e:#}. {hint}"));
+        let hint = format!("k6 is required for tests/k6.rs: {}", graceful::lab::load::k6::INSTALL_HINT);
+        let k6 = graceful::lab::load::k6::find_k6().unwrap_or_else(|e| panic!("{e:#}. {hint}"));
         let out = Command::new(&k6)
             .arg("version")
             .output()

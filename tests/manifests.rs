@@ -16,6 +16,7 @@ use figment::value::Value;
 use figment::Figment;
 use graceful::cli::{Cli, Command, ProbeArgs};
 use graceful::config::{Config, ENV_PREFIX, OTEL_ENV};
+use graceful::lab::control_plane::deployment::resolve_fenceposts;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Namespace, PodSpec, Probe, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -68,6 +69,8 @@ fn insert_unique<T>(map: &mut BTreeMap<String, T>, file: &str, kind: &str, name:
     map.insert(name, value);
 }
 
+/// Independent of the lab's `api::manifest::parse` on purpose: this checks the rendered files as
+/// Kubernetes objects (every kind expected, names unique), whatever the lab accepts or ignores.
 fn parse_render(file: &str, text: &str) -> Render {
     let mut render = Render { name: file.to_string(), ..Render::default() };
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -179,22 +182,6 @@ fn parse_duration(s: &str, what: &str) -> Duration {
     humantime::parse_duration(s).unwrap_or_else(|e| panic!("{what}: `{s}` is not a duration: {e}"))
 }
 
-/// `IntOrString` against a replica count, rounding as the Deployment controller does.
-fn resolve(v: &IntOrString, replicas: i32, round_up: bool) -> i32 {
-    match v {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(s) => {
-            let pct: i32 = s.trim_end_matches('%').parse().unwrap_or_else(|_| panic!("`{s}` is not a percentage"));
-            let scaled = replicas * pct;
-            if round_up {
-                (scaled + 99) / 100
-            } else {
-                scaled / 100
-            }
-        }
-    }
-}
-
 /// (replicas, maxSurge, maxUnavailable) as the controller will apply them.
 fn rollout(d: &Deployment) -> (i32, i32, i32) {
     let spec = d.spec.as_ref().unwrap();
@@ -202,9 +189,12 @@ fn rollout(d: &Deployment) -> (i32, i32, i32) {
     let strategy = spec.strategy.as_ref().unwrap_or_else(|| panic!("Deployment {}: strategy not stated", dname(d)));
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"), "Deployment {}", dname(d));
     let ru = strategy.rolling_update.as_ref().expect("rollingUpdate stated");
-    let surge = resolve(ru.max_surge.as_ref().expect("maxSurge stated"), replicas, true);
-    let unavailable = resolve(ru.max_unavailable.as_ref().expect("maxUnavailable stated"), replicas, false);
-    (replicas, surge, unavailable)
+    let surge = ru.max_surge.as_ref().expect("maxSurge stated");
+    let unavailable = ru.max_unavailable.as_ref().expect("maxUnavailable stated");
+    // The lab's own rounding (surge up, unavailable down, both zero ⇒ one unavailable): one rule.
+    let (surge, unavailable) = resolve_fenceposts(Some(surge), Some(unavailable), replicas as u32)
+        .unwrap_or_else(|e| panic!("Deployment {}: {e:#}", dname(d)));
+    (replicas, surge as i32, unavailable as i32)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
 //! See benches/README.md for what each figure means and how it is taken.
 
 mod http;
+/// The process harness shared with the black-box tests.
+#[path = "../../tests/common/process.rs"]
+#[allow(dead_code)] // each user takes the part it needs
+mod process;
 mod procs;
 mod proxy;
 mod wrk;
@@ -24,20 +28,6 @@ use serde::Serialize;
 use graceful::otlp_receiver::OtlpReceiver;
 use procs::{Mem, Proc, Spec};
 
-const USAGE: &str = "\
-usage: cargo bench --bench graceful -- [--short] [--json FILE] [options]
-
-  --short            CI profile: 1 s load runs, 1 round, 3 repeats (no timing is asserted)
-  --json FILE        also write every figure as JSON
-  --seconds N        length of each measured load run (default 5, short 1)
-  --warmup N         warm-up run before each measured one, seconds (default 1)
-  --rounds N         load rounds; cases alternate within each round (default 3, short 1)
-  --repeats N        start and exit measurements per case (default 10, short 3)
-  --connections N    wrk connections (default 16)
-  --threads N        wrk threads (default 1)
-  --drain-delay MS   drain delay of the exit measurement, ms (default 300)
-  --keepalive N      idle keep-alive connections held open in the exit measurement (default 8)";
-
 const MIB: f64 = 1024.0 * 1024.0;
 /// Targets (sizes in MiB).
 const TARGET_TRACING_COST: f64 = 0.10;
@@ -49,12 +39,53 @@ const TARGET_READY_MS: f64 = 100.0;
 const SAMPLED_BACKEND: &str = "graceful-backend-sampled";
 const SAMPLED_FRONTEND: &str = "graceful-frontend-sampled";
 
+/// `cargo bench --bench graceful -- [--short] [--json FILE] [options]`
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "graceful bench",
+    about = "What the pattern costs, measured side by side on loopback (benches/README.md)"
+)]
+struct Args {
+    /// CI profile: 1 s load runs, 1 round, 3 repeats (no timing is asserted)
+    #[arg(long)]
+    short: bool,
+    /// Also write every figure as JSON
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Length of each measured load run, seconds [default: 5, short 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    seconds: Option<u32>,
+    /// Warm-up run before each measured one, seconds
+    #[arg(long = "warmup", value_name = "N", default_value_t = 1)]
+    warmup_seconds: u32,
+    /// Load rounds; cases alternate within each round [default: 3, short 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: Option<u64>,
+    /// Start and exit measurements per case [default: 10, short 3]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    repeats: Option<u64>,
+    /// wrk connections
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: u32,
+    /// wrk threads
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: u32,
+    /// Drain delay of the exit measurement, ms
+    #[arg(long = "drain-delay", value_name = "MS", default_value_t = 300)]
+    drain_delay_ms: u64,
+    /// Idle keep-alive connections held open in the exit measurement
+    #[arg(long = "keepalive", value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_connections: u64,
+    /// Passed by `cargo bench` to harness = false targets (`cargo test` does not).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The options as measured with (written into the JSON).
 #[derive(Debug, Clone, Serialize)]
 struct Opts {
     #[serde(skip)]
     bench: bool,
-    #[serde(skip)]
-    help: bool,
     short: bool,
     #[serde(skip)]
     json: Option<PathBuf>,
@@ -69,70 +100,36 @@ struct Opts {
 }
 
 impl Opts {
-    fn parse(args: impl IntoIterator<Item = String>) -> Result<Opts> {
-        let args: Vec<String> = args.into_iter().collect();
-        let short = args.iter().any(|a| a == "--short");
-        let mut o = Opts {
-            bench: false,
-            help: false,
-            short,
-            json: None,
-            seconds: if short { 1 } else { 5 },
-            warmup_seconds: 1,
-            rounds: if short { 1 } else { 3 },
-            repeats: if short { 3 } else { 10 },
-            connections: 16,
-            threads: 1,
-            drain_delay_ms: 300,
-            keepalive_connections: 8,
-        };
-        let mut it = args.into_iter();
-        while let Some(a) = it.next() {
-            let mut value = |name: &str| it.next().ok_or_else(|| anyhow!("{name} needs a value"));
-            match a.as_str() {
-                // cargo bench passes --bench to harness = false targets; cargo test does not.
-                "--bench" => o.bench = true,
-                "--short" => {}
-                "-h" | "--help" => o.help = true,
-                "--json" => o.json = Some(PathBuf::from(value("--json")?)),
-                "--seconds" => o.seconds = num(&value("--seconds")?, 1)?,
-                "--warmup" => o.warmup_seconds = num(&value("--warmup")?, 0)?,
-                "--rounds" => o.rounds = num(&value("--rounds")?, 1)?,
-                "--repeats" => o.repeats = num(&value("--repeats")?, 1)?,
-                "--connections" => o.connections = num(&value("--connections")?, 1)?,
-                "--threads" => o.threads = num(&value("--threads")?, 1)?,
-                "--drain-delay" => o.drain_delay_ms = num(&value("--drain-delay")?, 0)?,
-                "--keepalive" => o.keepalive_connections = num(&value("--keepalive")?, 1)?,
-                other => bail!("unknown argument `{other}`"),
-            }
-        }
-        if o.threads > o.connections {
+    fn from_args(a: Args) -> Result<Opts> {
+        if a.threads > a.connections {
             bail!("--threads must not exceed --connections");
         }
-        Ok(o)
+        let short = a.short;
+        Ok(Opts {
+            bench: a.bench,
+            short,
+            json: a.json,
+            seconds: a.seconds.unwrap_or(if short { 1 } else { 5 }),
+            warmup_seconds: a.warmup_seconds,
+            rounds: a.rounds.map_or(if short { 1 } else { 3 }, |n| n as usize),
+            repeats: a.repeats.map_or(if short { 3 } else { 10 }, |n| n as usize),
+            connections: a.connections,
+            threads: a.threads,
+            drain_delay_ms: a.drain_delay_ms,
+            keepalive_connections: a.keepalive_connections as usize,
+        })
     }
-}
-
-fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(s: &str, min: T) -> Result<T> {
-    let v: T = s.parse().map_err(|_| anyhow!("`{s}` is not a number"))?;
-    if v < min {
-        bail!("`{s}` is below the minimum {min}");
-    }
-    Ok(v)
 }
 
 fn main() -> ExitCode {
-    let opts = match Opts::parse(std::env::args().skip(1)) {
+    // clap prints its own usage and exits 2 on a bad argument (0 for --help).
+    let opts = match Opts::from_args(<Args as clap::Parser>::parse()) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("graceful bench: {e}\n\n{USAGE}");
+            eprintln!("graceful bench: {e}");
             return ExitCode::from(2);
         }
     };
-    if opts.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
     if !opts.bench {
         // `cargo test --all-targets` builds and runs bench targets without --bench.
         println!("graceful bench: not started by `cargo bench`, nothing measured (run `cargo bench --bench graceful`)");
@@ -612,7 +609,7 @@ impl Bench {
 
         // The traced pair flushes its batch exporter on the way out; count what arrived.
         for p in [&mut f1, &mut b1, &mut f2, &mut b2] {
-            p.signal(libc::SIGTERM);
+            p.signal(nix::sys::signal::Signal::SIGTERM);
         }
         for p in [&mut f1, &mut b1, &mut f2, &mut b2] {
             if p.wait_exit(Duration::from_secs(10)).is_none() {
@@ -954,7 +951,7 @@ impl Bench {
             }
             println!("{t}");
         }
-        section("Lab Service proxy (graceful::lab::service_proxy) vs direct");
+        section("Lab Service proxy (graceful::lab::network::service_proxy) vs direct");
         let p = &r.service_proxy;
         if p.status == "measured" {
             print_cases(&p.cases);
@@ -1063,7 +1060,7 @@ fn time_to_exit(spec: &Spec, keepalive: usize, requests: usize, drain: Duration)
         bail!("{}: only {open} of {keepalive} keep-alive connections stayed open before SIGTERM", spec.role);
     }
     let sigterm = SystemTime::now();
-    p.signal(libc::SIGTERM);
+    p.signal(nix::sys::signal::Signal::SIGTERM);
     let bound = drain + Duration::from_secs(20);
     let (status, gone) = p.wait_exit(bound).ok_or_else(|| anyhow!("{} did not exit within {bound:?}", spec.role))?;
     drop(held);

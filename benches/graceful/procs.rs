@@ -1,14 +1,16 @@
-//! The real `graceful` binary as a child process: spawn with a clean environment, collect its
-//! JSON log lines, read its memory and CPU from /proc, signal it, time its exit.
+//! The real `graceful` binary as the benchmark runs it: a clean environment (nothing from the
+//! caller's may change what is measured), its memory and CPU from /proc; spawning, log lines,
+//! the serving line, signals and the timed exit come from the tests' shared harness.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::process::Process;
 
 /// Built by cargo with the bench profile (which inherits `[profile.release]`).
 const BUILT: &str = env!("CARGO_BIN_EXE_graceful");
@@ -17,15 +19,6 @@ const BUILT: &str = env!("CARGO_BIN_EXE_graceful");
 /// compare against, measured the same way).
 pub fn bin() -> String {
     std::env::var("GRACEFUL_BENCH_BIN").ok().filter(|b| !b.is_empty()).unwrap_or_else(|| BUILT.to_string())
-}
-
-/// Log lines kept per process; the rest are read (so the pipe never blocks the child) and counted.
-const MAX_LINES: usize = 20_000;
-
-#[derive(Default)]
-struct Log {
-    lines: Vec<String>,
-    dropped: usize,
 }
 
 /// What to run: role, flags and extra environment.
@@ -67,14 +60,13 @@ impl Spec {
     }
 }
 
+/// One role of the binary under test (the shared harness, tests/common/process.rs, underneath).
 pub struct Proc {
     pub role: &'static str,
-    child: Child,
+    process: Process,
     pub pid: i32,
-    log: Arc<Mutex<Log>>,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
-    exit: Option<(ExitStatus, SystemTime)>,
 }
 
 impl Proc {
@@ -98,18 +90,9 @@ impl Proc {
         for (k, v) in &spec.env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("spawning {bin}"))?;
-        let log = Arc::new(Mutex::new(Log::default()));
-        if let Some(out) = child.stdout.take() {
-            pump(out, log.clone());
-        }
-        if let Some(err) = child.stderr.take() {
-            pump(err, log.clone());
-        }
-        let pid = child.id() as i32;
+        let process = Process::spawn(cmd).with_context(|| format!("spawning {bin}"))?;
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-        Ok(Proc { role: spec.role, child, pid, log, listen: unknown, admin: unknown, exit: None })
+        Ok(Proc { role: spec.role, pid: process.pid, process, listen: unknown, admin: unknown })
     }
 
     /// Spawns and waits for the `serving` log line, which names both listeners.
@@ -120,31 +103,14 @@ impl Proc {
     }
 
     pub fn wait_serving(&mut self, bound: Duration) -> Result<()> {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(v) = self.events().into_iter().find(|v| v["message"] == "serving" && v.get("listen").is_some())
-            {
-                let parse = |k: &str| -> Result<SocketAddr> {
-                    v[k].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("no `{k}` in the serving line"))
-                };
-                self.listen = parse("listen")?;
-                self.admin = parse("admin")?;
-                return Ok(());
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                bail!("graceful {} exited before serving ({st}):\n{}", self.role, self.log_tail(20));
-            }
-            if Instant::now() >= deadline {
-                bail!("graceful {} not serving within {bound:?}:\n{}", self.role, self.log_tail(20));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let l = self.process.wait_serving(bound).map_err(|e| anyhow!("graceful {} {e}", self.role))?;
+        (self.listen, self.admin) = (l.listen, l.admin);
+        Ok(())
     }
 
     /// Every JSON log line so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
-        let log = self.log.lock().unwrap();
-        log.lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.process.events()
     }
 
     /// Timestamp of the first log event whose message is `name`.
@@ -156,76 +122,26 @@ impl Proc {
     }
 
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        let from = log.lines.len().saturating_sub(n);
-        let mut out = log.lines[from..].join("\n");
-        if log.dropped > 0 {
-            out.push_str(&format!("\n({} more lines not kept)", log.dropped));
-        }
-        out
+        self.process.log_tail(n)
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid; it has not been reaped while `exit` is None.
-        if self.exit.is_none() {
-            unsafe {
-                libc::kill(self.pid, sig);
-            }
-        }
+    pub fn signal(&self, sig: Signal) {
+        self.process.signal(sig);
     }
 
-    /// Waits for the process to end; the time is taken the moment the kernel reports it
-    /// (polled every 100 µs).
+    /// Waits for the process to end; the time is taken the moment the kernel reports it.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<(ExitStatus, SystemTime)> {
-        if self.exit.is_some() {
-            return self.exit;
-        }
-        let deadline = Instant::now() + bound;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
-                    self.exit = Some((st, SystemTime::now()));
-                    return self.exit;
-                }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(100)),
-                _ => return None,
-            }
-        }
+        self.process.wait_exit(bound)
     }
 
     /// Ends it now (SIGKILL) if it still runs.
     pub fn kill(&mut self) {
-        if self.exit.is_none() {
-            let _ = self.child.kill();
-            if let Ok(st) = self.child.wait() {
-                self.exit = Some((st, SystemTime::now()));
-            }
-        }
+        self.process.kill();
     }
 
     pub fn mem(&self) -> Result<Mem> {
         Mem::of(self.pid)
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn pump<R: Read + Send + 'static>(r: R, log: Arc<Mutex<Log>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            let mut log = log.lock().unwrap();
-            if log.lines.len() < MAX_LINES {
-                log.lines.push(line);
-            } else {
-                log.dropped += 1;
-            }
-        }
-    });
 }
 
 /// Resident memory from /proc/PID/status, in KiB.

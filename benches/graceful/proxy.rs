@@ -1,4 +1,4 @@
-//! The lab's user-space Service proxy (`graceful::lab::service_proxy`) in front of one backend,
+//! The lab's user-space Service proxy (`graceful::lab::network::service_proxy`) in front of one backend,
 //! run the way the lab runs it: a 2-worker tokio runtime, one ready endpoint.
 
 use std::collections::BTreeMap;
@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use graceful::lab::cluster::{Clock, Cluster, Pod};
-use graceful::lab::endpoints::{Endpoint, Slice};
-use graceful::lab::net::{Mode, Net};
-use graceful::lab::service_proxy::ServiceProxy;
+use graceful::lab::api::cluster::{Clock, Cluster, Pod};
+use graceful::lab::api::endpoint_slice::{Endpoint, Slice};
+use graceful::lab::network::ipam::{Mode, Net};
+use graceful::lab::network::service_proxy::ServiceProxy;
 use tokio::sync::watch;
 
 pub struct Proxy {
@@ -50,6 +50,9 @@ impl Proxy {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Default::default(),
+            uid: String::new(),
+            config_error: None,
         });
         let endpoint = Endpoint { pod: pod.into(), addr: backend, ready: true, serving: true, terminating: false };
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![endpoint]));

@@ -8,21 +8,22 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
 
-use super::attribution::{self, Inputs, ProxyRecords};
-use super::cluster::{ms, Clock, Cluster};
-use super::container::ServiceDns;
-use super::deployment::DeploymentCtl;
-use super::endpoints::{self, ServicePort};
-use super::k6::{K6Config, K6Figures, K6Run};
-use super::kubelet::KubeletOptions;
-use super::load::{self, LoadConfig};
-use super::manifest::{namespace_of, Manifest};
-use super::net::Net;
-use super::pods::PodFactory;
-use super::progress::Progress;
-use super::report::{self, RolloutWindow, RunResult};
-use super::service_proxy::ServiceProxy;
-use super::timeline;
+use crate::lab::api::cluster::{ms, Clock, Cluster};
+use crate::lab::api::endpoint_slice::ServicePort;
+use crate::lab::api::manifest::Manifest;
+use crate::lab::control_plane::deployment::DeploymentCtl;
+use crate::lab::control_plane::endpointslice;
+use crate::lab::control_plane::replicaset::PodFactory;
+use crate::lab::load::generator::{self, LoadConfig};
+use crate::lab::load::k6::{K6Config, K6Figures, K6Run};
+use crate::lab::network::ipam::Net;
+use crate::lab::network::service_proxy::ServiceProxy;
+use crate::lab::node::kubelet::{Kubelet, NodeConfig};
+use crate::lab::node::pod_spec::ServiceDns;
+use crate::lab::report::attribution::{self, Inputs, ProxyRecords};
+use crate::lab::report::progress::Progress;
+use crate::lab::report::result::{self, RolloutWindow, RunResult};
+use crate::lab::report::timeline;
 use crate::otlp_receiver::OtlpReceiver;
 
 #[derive(Debug, Clone)]
@@ -87,7 +88,7 @@ fn entry_service(m: &Manifest, wanted: Option<&str>) -> Result<String> {
 /// The Services as played: their proxies and the endpoints controller feeding them.
 struct Proxies {
     list: Vec<(ServicePort, ServiceProxy)>,
-    endpoints: endpoints::Controller,
+    endpoints: endpointslice::Controller,
 }
 
 pub async fn run(
@@ -110,33 +111,14 @@ pub async fn run(
     // Services: ports, lagged endpoint views, proxies on their ClusterIPs.
     let mut ports = Vec::new();
     for s in &manifest.services {
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let spec = s.spec.clone().unwrap_or_default();
-        let multi = spec.ports.as_ref().map(|p| p.len()).unwrap_or(0) > 1;
-        for p in spec.ports.iter().flatten() {
-            ports.push(ServicePort {
-                service: if multi {
-                    format!("{name}:{}", p.name.clone().unwrap_or_else(|| p.port.to_string()))
-                } else {
-                    name.clone()
-                },
-                namespace: namespace_of(&s.metadata),
-                selector: spec.selector.clone().unwrap_or_default(),
-                port: u16::try_from(p.port).with_context(|| format!("Service/{name}: port {}", p.port))?,
-                target: p
-                    .target_port
-                    .clone()
-                    .unwrap_or(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port)),
-                publish_not_ready: spec.publish_not_ready_addresses == Some(true),
-            });
-        }
+        ports.extend(ServicePort::of_service(s)?);
     }
-    let (controller, views) = endpoints::start(cluster.clone(), ports.clone(), cfg.lag);
+    let (controller, views) = endpointslice::start(cluster.clone(), ports.clone(), cfg.lag);
     let mut proxies = Proxies { list: Vec::new(), endpoints: controller };
     let mut dns = Vec::new();
     let mut cluster_ips = std::collections::BTreeMap::new();
     for (sp, view) in ports.into_iter().zip(views) {
-        let base = sp.service.split(':').next().unwrap_or_default().to_string();
+        let base = sp.service.clone();
         let ip = match cluster_ips.get(&base) {
             Some(ip) => *ip,
             None => {
@@ -145,7 +127,7 @@ pub async fn run(
                 ip
             }
         };
-        let proxy = ServiceProxy::start(&sp.service, std::net::SocketAddr::new(ip, sp.port), view, cluster.clone())
+        let proxy = ServiceProxy::start(&sp.label(), std::net::SocketAddr::new(ip, sp.port), view, cluster.clone())
             .await
             .with_context(|| format!("Service/{base}: binding its proxy on {ip}:{}", sp.port))?;
         let svc = manifest.services.iter().find(|s| s.metadata.name.as_deref() == Some(base.as_str()));
@@ -164,16 +146,16 @@ pub async fn run(
         proxies.list.push((sp, proxy));
     }
 
-    let factory = PodFactory {
-        cluster: cluster.clone(),
-        net,
+    let node = NodeConfig {
         exe: cfg.exe.clone(),
         run_dir: cfg.run_dir.clone(),
         config_maps: manifest.config_maps.clone(),
         services: dns,
         otlp_endpoint: receiver.map(|r| r.endpoint()),
-        kubelet: KubeletOptions { sandbox_teardown: cfg.sandbox_teardown },
+        sandbox_teardown: cfg.sandbox_teardown,
     };
+    let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
+    let kubelet = Kubelet::start(cluster.clone(), node);
     let mut ctls: Vec<DeploymentCtl> =
         manifest.deployments.iter().map(DeploymentCtl::from_manifest).collect::<Result<_>>()?;
     for r in &cfg.restart {
@@ -184,7 +166,7 @@ pub async fn run(
     let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
     let spans = match (&result, receiver) {
         // Export is batched: before the pods go, wait until their spans stop arriving.
-        (Ok((requests, _, _, _)), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
+        (Ok(Driven { requests, .. }), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
             progress.phase("collecting spans");
             settle(r).await
         }
@@ -192,22 +174,16 @@ pub async fn run(
         _ => Vec::new(),
     };
     // Whatever happened, no pod outlives its run.
-    for c in &mut ctls {
-        c.kill_all();
-    }
-    let (requests, windows, run_end, k6) = result?;
+    drop(kubelet);
+    let Driven { requests, windows, end: run_end, k6 } = result?;
     let pods = cluster.pods();
-    let entry_records = proxies
-        .list
-        .iter()
-        .filter(|(sp, _)| sp.service.split(':').next() == Some(entry.as_str()))
-        .flat_map(|(_, p)| p.log.records())
-        .collect();
+    let entry_records =
+        proxies.list.iter().filter(|(sp, _)| sp.service == entry).flat_map(|(_, p)| p.log.records()).collect();
     let inner = proxies
         .list
         .iter()
-        .filter(|(sp, _)| sp.service.split(':').next() != Some(entry.as_str()))
-        .map(|(sp, p)| ProxyRecords { service: &sp.service, records: p.log.records() })
+        .filter(|(sp, _)| sp.service != entry)
+        .map(|(_, p)| ProxyRecords { service: &p.service, records: p.log.records() })
         .collect();
     let attribution = attribution::attribute(&Inputs {
         clock: &clock,
@@ -219,8 +195,8 @@ pub async fn run(
     });
     let groups = attribution::groups(&attribution.items);
     let summary = match &k6 {
-        Some(f) => report::summary_from_k6(f, &windows),
-        None => report::summarize(&requests, &windows),
+        Some(f) => result::summary_from_k6(f, &windows),
+        None => result::summarize(&requests, &windows),
     };
     let timeline_path = cfg.run_dir.join("timeline.svg");
     let mut result = RunResult {
@@ -246,7 +222,19 @@ pub async fn run(
     Ok(result)
 }
 
-type Driven = (Vec<load::RequestRecord>, Vec<RolloutWindow>, Duration, Option<K6Figures>);
+/// What the load did while the Deployments rolled.
+struct Driven {
+    requests: Vec<generator::RequestRecord>,
+    windows: Vec<RolloutWindow>,
+    end: Duration,
+    k6: Option<K6Figures>,
+}
+
+/// The load on the entry Service: the built-in generator or k6.
+enum LoadSource {
+    Lab(generator::LoadRun),
+    K6(Box<K6Run>),
+}
 
 async fn drive(
     cfg: &RunConfig,
@@ -265,19 +253,35 @@ async fn drive(
     progress.phase("waiting for endpoints");
     proxies.endpoints.converged(cluster, cfg.lag + Duration::from_secs(5)).await;
 
-    let (_, entry_proxy) = proxies
-        .list
-        .iter()
-        .find(|(sp, _)| sp.service.split(':').next() == Some(entry))
-        .context("the entry Service has no port")?;
-    enum Source {
-        Lab(load::LoadRun),
-        K6(Box<K6Run>),
-    }
+    let (_, entry_proxy) =
+        proxies.list.iter().find(|(sp, _)| sp.service == entry).context("the entry Service has no port")?;
     let run_started = tokio::time::Instant::now();
-    let source = match &cfg.k6 {
+    let source = start_load(cfg, cluster, entry_proxy, entry, progress).await?;
+    let rollout_phase_start = tokio::time::Instant::now();
+    let (mut windows, failure) = roll(cfg, cluster, factory, ctls, proxies, progress).await;
+    let (requests, k6) =
+        match finish_load(cfg, source, failure.is_none(), run_started, rollout_phase_start, progress).await {
+            Ok(done) => done,
+            Err(e) => return Err(failure.unwrap_or(e)),
+        };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    count_requests_per_window(&mut windows, &requests);
+    Ok(Driven { requests, windows, end: cluster.clock.now(), k6 })
+}
+
+/// Starts the load and waits out its warmup.
+async fn start_load(
+    cfg: &RunConfig,
+    cluster: &Cluster,
+    entry_proxy: &ServiceProxy,
+    entry: &str,
+    progress: &Progress,
+) -> Result<LoadSource> {
+    Ok(match &cfg.k6 {
         None => {
-            let load = load::start(
+            let load = generator::start(
                 LoadConfig {
                     target: entry_proxy.addr,
                     host: entry.to_string(),
@@ -293,7 +297,7 @@ async fn drive(
             progress.load(load.stats.clone());
             progress.phase("warmup");
             tokio::time::sleep(cfg.warmup).await;
-            Source::Lab(load)
+            LoadSource::Lab(load)
         }
         Some(k) => {
             let mut run = K6Run::start(
@@ -315,11 +319,21 @@ async fn drive(
             progress.load(run.stats.clone());
             progress.phase("k6 warmup");
             run.wait_banner(cfg.warmup + Duration::from_secs(30)).await?;
-            Source::K6(Box::new(run))
+            LoadSource::K6(Box::new(run))
         }
-    };
-    let rollout_phase_start = tokio::time::Instant::now();
+    })
+}
 
+/// The rollouts, one after the other: each window ends once the proxies have caught up.
+/// Returns the windows and the first rollout failure, if any.
+async fn roll(
+    cfg: &RunConfig,
+    cluster: &Cluster,
+    factory: &PodFactory,
+    ctls: &mut [DeploymentCtl],
+    proxies: &Proxies,
+    progress: &Progress,
+) -> (Vec<RolloutWindow>, Option<anyhow::Error>) {
     let mut windows = Vec::new();
     let rolled: Vec<usize> =
         (0..ctls.len()).filter(|i| cfg.restart.is_empty() || cfg.restart.contains(&ctls[*i].name)).collect();
@@ -365,16 +379,28 @@ async fn drive(
             break;
         }
     }
-    let (requests, k6) = match source {
-        Source::Lab(load) => {
-            if failure.is_none() {
+    (windows, failure)
+}
+
+/// Ends the load (cooldown first unless a rollout failed) and collects its records.
+async fn finish_load(
+    cfg: &RunConfig,
+    source: LoadSource,
+    cool_down: bool,
+    run_started: tokio::time::Instant,
+    rollout_phase_start: tokio::time::Instant,
+    progress: &Progress,
+) -> Result<(Vec<generator::RequestRecord>, Option<K6Figures>)> {
+    Ok(match source {
+        LoadSource::Lab(load) => {
+            if cool_down {
                 progress.phase("cooldown");
                 tokio::time::sleep(cfg.cooldown).await;
             }
             progress.phase("draining the load");
             (load.finish().await, None)
         }
-        Source::K6(run) => {
+        LoadSource::K6(run) => {
             progress.phase("k6 running to its end");
             let k = cfg.k6.as_ref().expect("k6 source");
             let overran = rollout_phase_start.elapsed() > k.rollout_phase;
@@ -383,20 +409,15 @@ async fn drive(
             let limit = (run_started + planned + Duration::from_secs(30))
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_secs(10));
-            let r = run.finish(limit).await;
-            match r {
-                Ok((mut fig, records)) => {
-                    fig.rollout_overran_phase = overran;
-                    (records, Some(fig))
-                }
-                Err(e) => return Err(failure.unwrap_or(e)),
-            }
+            let (mut fig, records) = run.finish(limit).await?;
+            fig.rollout_overran_phase = overran;
+            (records, Some(fig))
         }
-    };
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    // Each window owns the requests that started in it, up to the next window.
+    })
+}
+
+/// Each window owns the requests that started in it, up to the next window.
+fn count_requests_per_window(windows: &mut [RolloutWindow], requests: &[generator::RequestRecord]) {
     for i in 0..windows.len() {
         let from = windows[i].start;
         let to = windows.get(i + 1).map(|w| w.start).unwrap_or(Duration::MAX);
@@ -405,7 +426,6 @@ async fn drive(
         windows[i].requests = n;
         windows[i].failed = f;
     }
-    Ok((requests, windows, cluster.clock.now(), k6))
 }
 
 /// Waits until no new span has arrived for a while (bounded).

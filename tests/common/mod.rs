@@ -1,21 +1,40 @@
-//! Shared helpers for black-box tests: spawn the real binary on loopback, talk raw HTTP/1.1.
+//! Shared helpers for black-box tests: spawn the real binary on loopback (process.rs), talk
+//! HTTP/1.1 through the lab's client.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use graceful::lab::network::http_client::{self, Conn, HttpError};
+use nix::sys::signal::Signal;
+pub use process::Process;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_graceful");
 
-/// A running role, killed on drop.
+/// A running role, killed on drop (the shared harness in process.rs, plus its addresses).
 pub struct Proc {
-    pub child: Child,
+    pub process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// The harness's fields (`child`, `pid`, `log`) and methods read through a `Proc`.
+impl std::ops::Deref for Proc {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 /// Starts `graceful <role>` on ephemeral loopback ports and waits (bounded) until it serves.
@@ -30,83 +49,34 @@ pub fn spawn_with(mut cmd: Command, role: &str, args: &[&str], env: &[(&str, &st
         .args(args)
         .env("GRACEFUL_TELEMETRY__LOG_FORMAT", "json")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn graceful");
-    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("\"message\":\"serving\"") && line.contains("\"listen\"") {
-                let _ = tx.send(line.clone());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let err = child.stderr.take().unwrap();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(format!("stderr: {line}"));
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("{role} did not start within 15 s; logs: {:#?}", logs.lock().unwrap());
-        }
-    };
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = v["listen"].as_str().unwrap().parse().unwrap();
-    let admin = v["admin"].as_str().unwrap().parse().unwrap();
-    Proc { child, addr, admin, logs }
+    let mut process = Process::spawn(cmd).expect("spawn graceful");
+    match process.wait_serving(Duration::from_secs(15)) {
+        Ok(l) => Proc { process, addr: l.listen, admin: l.admin },
+        Err(e) => panic!("{role} {e}"),
+    }
 }
 
 impl Proc {
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.pid
     }
 
+    /// `sig` as a raw number (libc::SIGTERM …), for the tests' brevity.
     pub fn signal(&self, sig: i32) {
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        self.process.signal(Signal::try_from(sig).expect("a signal number"));
     }
 
     /// Waits for exit, at most `bound`.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.process.wait_exit(bound).map(|(status, _)| status)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
-    }
-
-    pub fn log_text(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -144,39 +114,55 @@ pub fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Sends one request on `s` (keep-alive) and reads one response framed by Content-Length.
+thread_local! {
+    /// One current-thread runtime per test thread for the client below, built once.
+    static RUNTIME: std::cell::OnceCell<tokio::runtime::Runtime> = const { std::cell::OnceCell::new() };
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    RUNTIME.with(|rt| {
+        rt.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime"))
+            .block_on(f)
+    })
+}
+
+/// The client's error as an io::Error of the matching kind (tests compare kinds).
+fn io_error(e: HttpError) -> std::io::Error {
+    use std::io::{Error, ErrorKind};
+    match e {
+        HttpError::Connect(io) | HttpError::Io(io) => io,
+        HttpError::Reset { .. } => Error::new(ErrorKind::ConnectionReset, e.to_string()),
+        HttpError::Closed { .. } | HttpError::BodyIncomplete => Error::new(ErrorKind::UnexpectedEof, e.to_string()),
+        HttpError::Malformed(_) => Error::new(ErrorKind::InvalidData, e.to_string()),
+    }
+}
+
+/// Sends one request on `s` (keep-alive) through the lab's HTTP client (hyper) and reads one
+/// response; `s` stays open for the next request.
 pub fn request(s: &mut TcpStream, method: &str, path: &str, body: &str) -> std::io::Result<Response> {
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut reader = BufReader::new(s.try_clone()?);
-    let mut status_line = String::new();
-    if reader.read_line(&mut status_line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before a response"));
-    }
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
-    let mut headers = HashMap::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
+    // The client runs on a duplicate of the socket; O_NONBLOCK is shared with `s`, so it is
+    // restored before returning.
+    let dup = s.try_clone()?;
+    dup.set_nonblocking(true)?;
+    let result = block_on(async {
+        let stream = tokio::net::TcpStream::from_std(dup)?;
+        let mut conn = Conn::over(stream).await.map_err(io_error)?;
+        let headers = [("content-type", "application/json")];
+        let call = http_client::call(method, "test", path, &headers, body.to_string()).map_err(io_error)?;
+        let sent = tokio::time::timeout(Duration::from_secs(20), conn.send(&call)).await;
+        conn.close().await;
+        match sent {
+            Ok(r) => r.map_err(io_error),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let mut buf = vec![0; len];
-    reader.read_exact(&mut buf)?;
-    Ok(Response { status, headers, body: String::from_utf8_lossy(&buf).into_owned() })
+    });
+    s.set_nonblocking(false)?;
+    let r = result?;
+    Ok(Response {
+        status: r.status,
+        headers: r.headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+        body: String::from_utf8_lossy(&r.body).into_owned(),
+    })
 }
 
 /// Polls `f` until it returns true or `bound` passes.

@@ -14,9 +14,8 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::cluster::{ser_ms, ser_opt_ms, Pod};
-use super::kubelet::PodHandle;
-use super::pods::{template_hash, PodFactory};
+use crate::lab::api::cluster::{ser_ms, ser_opt_ms, Pod};
+use crate::lab::control_plane::replicaset::{template_hash, PodFactory};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Strategy {
@@ -33,8 +32,8 @@ pub struct DeploymentCtl {
     pub progress_deadline: Duration,
     template: PodTemplateSpec,
     pub hash: String,
-    /// Pods not yet deleted, and deleted ones still shutting down.
-    pods: Vec<PodHandle>,
+    /// Pods this controller deleted whose stop the current rollout has not yet waited for.
+    deleted: Vec<String>,
 }
 
 /// What one rollout did, times from the run's start.
@@ -105,14 +104,14 @@ impl DeploymentCtl {
         let template = spec.template.clone();
         Ok(DeploymentCtl {
             hash: template_hash(&template),
-            namespace: super::manifest::namespace_of(&d.metadata),
+            namespace: crate::lab::api::manifest::namespace_of(&d.metadata),
             name,
             replicas,
             strategy,
             min_ready: Duration::from_secs(spec.min_ready_seconds.unwrap_or(0).max(0) as u64),
             progress_deadline: Duration::from_secs(spec.progress_deadline_seconds.unwrap_or(600).max(1) as u64),
             template,
-            pods: Vec::new(),
+            deleted: Vec::new(),
         })
     }
 
@@ -125,14 +124,21 @@ impl DeploymentCtl {
     }
 
     fn create(&mut self, f: &PodFactory) -> Result<()> {
-        let h = f.create(&self.name, &self.namespace, &self.template, &self.hash)?;
-        self.pods.push(h);
+        f.create(&self.name, &self.namespace, &self.template, &self.hash)?;
         Ok(())
     }
 
-    fn delete(&self, f: &PodFactory, pod: &str) {
-        if let Some(h) = self.pods.iter().find(|h| h.name == pod) {
-            h.delete(&f.cluster);
+    /// Deletion goes through the store, as through the API server; the kubelet does the rest.
+    fn delete(&mut self, f: &PodFactory, pod: &str) {
+        f.cluster.delete_pod(pod);
+        self.deleted.push(pod.to_string());
+    }
+
+    /// A pod the kubelet could not start fails the Deployment at once (no retry in the lab).
+    fn check_config(&self, pods: &[Pod]) -> Result<()> {
+        match pods.iter().find_map(|p| Some((&p.name, p.config_error.as_ref()?))) {
+            Some((pod, e)) => bail!("Deployment/{}: pod {pod}: {e}", self.name),
+            None => Ok(()),
         }
     }
 
@@ -145,7 +151,9 @@ impl DeploymentCtl {
         let mut changes = f.cluster.subscribe();
         loop {
             let now = f.cluster.clock.now();
-            let available = self.live_pods(f).iter().filter(|p| p.available(now, self.min_ready)).count() as u32;
+            let pods = self.live_pods(f);
+            self.check_config(&pods)?;
+            let available = pods.iter().filter(|p| p.available(now, self.min_ready)).count() as u32;
             if available >= self.replicas {
                 return Ok(());
             }
@@ -155,7 +163,7 @@ impl DeploymentCtl {
                     self.name,
                     self.replicas,
                     limit,
-                    f.run_dir.join("pods").display()
+                    f.pods_dir.display()
                 );
             }
             wait_change(&mut changes).await;
@@ -178,6 +186,7 @@ impl DeploymentCtl {
         let complete = loop {
             let now = f.cluster.clock.now();
             let pods = self.live_pods(f);
+            self.check_config(&pods)?;
             let (new, old): (Vec<&Pod>, Vec<&Pod>) = pods.iter().partition(|p| p.template_hash == new_hash);
             let new_available = new.iter().filter(|p| p.available(now, self.min_ready)).count() as u32;
             if new.len() as u32 == self.replicas && new_available == self.replicas && old.is_empty() {
@@ -273,33 +282,22 @@ impl DeploymentCtl {
         }
     }
 
-    /// Waits for deleted pods to stop; returns when the last one did.
+    /// Waits, in the store, for the pods this rollout deleted to stop; returns when the last one did.
     async fn reap(&mut self, f: &PodFactory, until: tokio::time::Instant) -> Result<Option<Duration>> {
-        let mut last = None;
-        let mut keep = Vec::new();
-        for mut h in std::mem::take(&mut self.pods) {
-            if h.is_deleted() {
-                // Bounded by the pod's own grace period; `until` is a backstop.
-                if tokio::time::timeout_at(until.max(tokio::time::Instant::now() + Duration::from_secs(40)), h.wait())
-                    .await
-                    .is_err()
-                {
-                    bail!("pod {} did not stop in time", h.name);
-                }
-                if let Some(p) = f.cluster.pod(&h.name) {
-                    last = last.max(p.exited);
-                }
-            } else {
-                keep.push(h);
+        // Bounded by the pods' own grace periods; `until` is a backstop.
+        let deadline = until.max(tokio::time::Instant::now() + Duration::from_secs(40));
+        let names = std::mem::take(&mut self.deleted);
+        let mut changes = f.cluster.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let pods: Vec<Pod> = names.iter().filter_map(|n| f.cluster.pod(n)).collect();
+            let Some(running) = pods.iter().find(|p| p.gone.is_none()) else {
+                return Ok(pods.iter().filter_map(|p| p.exited).max());
+            };
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                bail!("pod {} did not stop in time", running.name);
             }
         }
-        self.pods = keep;
-        Ok(last)
-    }
-
-    /// Kills every pod at once (the lab's own cleanup, not a Kubernetes action).
-    pub fn kill_all(&mut self) {
-        self.pods.clear();
     }
 }
 
@@ -326,7 +324,7 @@ mod tests {
     }
 
     fn pod(name: &str, hash: &str, ready_for: Option<u64>) -> Pod {
-        let net = crate::lab::net::Net::new(crate::lab::net::Mode::PerIp).pod(&[]).unwrap();
+        let net = crate::lab::network::ipam::Net::new(crate::lab::network::ipam::Mode::PerIp).pod(&[]).unwrap();
         Pod {
             name: name.into(),
             namespace: "default".into(),
@@ -346,6 +344,9 @@ mod tests {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Default::default(),
+            uid: String::new(),
+            config_error: None,
         }
     }
 
@@ -359,7 +360,7 @@ mod tests {
             progress_deadline: Duration::from_secs(600),
             template: Default::default(),
             hash: "new".into(),
-            pods: Vec::new(),
+            deleted: Vec::new(),
         }
     }
 

@@ -1,31 +1,23 @@
 //! Creating a pod from a template, as a ReplicaSet and the scheduler would: a name with the
-//! template hash, an address, labels, and a kubelet worker that starts the container.
+//! template hash, an address and labels, written to the store, where the kubelet finds it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use rand::Rng;
 
-use super::cluster::{Cluster, Pod};
-use super::container::{self, PodContext, ServiceDns};
-use super::kubelet::{self, KubeletOptions, PodHandle};
-use super::net::Net;
+use crate::lab::api::cluster::{named_ports, Cluster, Pod};
+use crate::lab::network::ipam::Net;
 
-/// The lab's only node.
-pub const NODE_NAME: &str = "lab-node";
-
+/// The ReplicaSet controller's part: pod objects from a template, in the store.
 pub struct PodFactory {
     pub cluster: Arc<Cluster>,
+    /// Pod addresses (the CNI's part, done here so the pod object carries its IP from the start).
     pub net: Arc<Net>,
-    pub exe: PathBuf,
-    /// Per-pod directories (volumes) and log files go under here.
-    pub run_dir: PathBuf,
-    pub config_maps: Vec<ConfigMap>,
-    pub services: Vec<ServiceDns>,
-    pub otlp_endpoint: Option<String>,
-    pub kubelet: KubeletOptions,
+    /// Where the node keeps pod files, for error messages that point there.
+    pub pods_dir: PathBuf,
 }
 
 /// Kubernetes' alphabet for generated suffixes (no vowels, no look-alikes).
@@ -48,40 +40,14 @@ pub fn template_hash(template: &PodTemplateSpec) -> String {
 }
 
 impl PodFactory {
-    pub fn log_path(&self, pod: &str) -> PathBuf {
-        self.run_dir.join("pods").join(format!("{pod}.log"))
-    }
-
-    pub fn create(
-        &self,
-        deployment: &str,
-        namespace: &str,
-        template: &PodTemplateSpec,
-        hash: &str,
-    ) -> Result<PodHandle> {
+    /// Adds a pod for `template` to the store and returns its name; the kubelet starts it.
+    pub fn create(&self, deployment: &str, namespace: &str, template: &PodTemplateSpec, hash: &str) -> Result<String> {
         let name = format!("{deployment}-{hash}-{}", random_suffix(5));
         let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
         labels.insert("pod-template-hash".into(), hash.to_string());
         let c = template.spec.as_ref().and_then(|s| s.containers.first()).context("template has no container")?;
         let ports: Vec<u16> = c.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
         let net = self.net.pod(&ports).context("allocating a pod address")?;
-        let dir = self.run_dir.join("pods").join(&name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let uid = format!("{:032x}", rand::random::<u128>());
-        let ctx = PodContext {
-            name: &name,
-            namespace,
-            uid: &uid,
-            labels: &labels,
-            net: &net,
-            node: NODE_NAME,
-            exe: &self.exe,
-            dir: &dir,
-            config_maps: &self.config_maps,
-            services: &self.services,
-            otlp_endpoint: self.otlp_endpoint.as_deref(),
-        };
-        let plan = container::plan(template, &ctx).with_context(|| format!("Deployment/{deployment}: pod {name}"))?;
         self.cluster.add_pod(Pod {
             name: name.clone(),
             namespace: namespace.to_string(),
@@ -90,7 +56,7 @@ impl PodFactory {
             labels,
             ip: net.ip,
             net,
-            named_ports: plan.named_ports.clone(),
+            named_ports: named_ports(c),
             created: self.cluster.clock.now(),
             running: false,
             started: false,
@@ -101,9 +67,11 @@ impl PodFactory {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Arc::new(template.clone()),
+            uid: format!("{:032x}", rand::random::<u128>()),
+            config_error: None,
         });
-        let log = self.log_path(&name);
-        Ok(kubelet::start(self.cluster.clone(), name, plan, log, self.kubelet.clone()))
+        Ok(name)
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::cluster::Cluster;
-use super::load::LiveStats;
+use crate::lab::api::cluster::Cluster;
+use crate::lab::load::generator::LiveStats;
 
 #[derive(Clone)]
 pub struct Progress {

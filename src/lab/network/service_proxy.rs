@@ -22,9 +22,10 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::cluster::{ser_ms, Clock, Cluster};
-use super::endpoints::{routable, Slice};
+use crate::lab::api::cluster::{ser_ms, Clock, Cluster};
+use crate::lab::api::endpoint_slice::{Endpoint, Slice};
 
 /// How the proxy handled a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -96,17 +97,22 @@ impl ProxyLog {
     }
 }
 
+/// kube-proxy's choice for new connections: ready endpoints, or else terminating ones that still
+/// serve (the fallback added with EndpointSlice terminating conditions).
+pub fn routable(slice: &[Endpoint]) -> Vec<&Endpoint> {
+    let ready: Vec<&Endpoint> = slice.iter().filter(|e| e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    slice.iter().filter(|e| e.serving && e.terminating).collect()
+}
+
 pub struct ServiceProxy {
     pub service: String,
     pub addr: SocketAddr,
     pub log: Arc<ProxyLog>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ServiceProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept loop; dropping the proxy stops it.
+    _task: AbortOnDropHandle<()>,
 }
 
 /// How long a connection to a vanished pod address hangs before it fails: Linux gives up
@@ -133,8 +139,8 @@ impl ServiceProxy {
         };
         let addr = listener.local_addr()?;
         let log = Arc::new(ProxyLog::default());
-        let task = tokio::spawn(accept_loop(listener, view, cluster, log.clone()));
-        Ok(ServiceProxy { service: service.to_string(), addr, log, task })
+        let task = AbortOnDropHandle::new(tokio::spawn(accept_loop(listener, view, cluster, log.clone())));
+        Ok(ServiceProxy { service: service.to_string(), addr, log, _task: task })
     }
 }
 
@@ -244,6 +250,8 @@ where
 
 /// Splices until both directions are done; a reset on one side becomes a reset on the other.
 /// Returns who ended it and when the first side closed or failed (not when the other followed).
+/// Hand-written on purpose: tokio's copy_bidirectional turns a peer's reset into an orderly
+/// close and says neither who ended nor when, which is exactly what the race is about.
 async fn splice(client: TcpStream, upstream: TcpStream, clock: &Clock) -> (End, Duration) {
     let first_eof = Mutex::new(None);
     let (mut cr, mut cw) = client.into_split();
@@ -278,9 +286,8 @@ async fn splice(client: TcpStream, upstream: TcpStream, clock: &Clock) -> (End, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::Clock;
-    use crate::lab::endpoints::Endpoint;
-    use crate::lab::httpc;
+    use crate::lab::api::cluster::Clock;
+    use crate::lab::network::http_client;
 
     async fn http_server(body: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -316,8 +323,8 @@ mod tests {
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![ep("a", a, true)]));
         let proxy = ServiceProxy::start("svc", "127.0.0.1:0".parse().unwrap(), rx, cluster.clone()).await.unwrap();
 
-        let mut conn = httpc::Conn::connect(proxy.addr).await.unwrap();
-        let r = conn.send(&httpc::get("svc", "/", &[], false)).await.unwrap();
+        let mut conn = http_client::Conn::connect(proxy.addr).await.unwrap();
+        let r = conn.send(&http_client::get("svc", "/", &[], false)).await.unwrap();
         assert_eq!(r.body, b"a");
         let rec = proxy.log.lookup(conn.local, cluster.clock.now()).unwrap();
         assert_eq!((rec.pod.as_deref(), rec.outcome), (Some("a"), Outcome::Spliced));
@@ -329,20 +336,21 @@ mod tests {
             l.local_addr().unwrap()
         };
         tx.send(Arc::new(vec![ep("b", dead, true)])).unwrap();
-        let r = conn.send(&httpc::get("svc", "/", &[], false)).await.unwrap();
+        let r = conn.send(&http_client::get("svc", "/", &[], false)).await.unwrap();
         assert_eq!(r.body, b"a");
-        let fresh = httpc::get_once(proxy.addr, "svc", "/", &[]).await;
+        let fresh = http_client::get_once(proxy.addr, "svc", "/", &[]).await;
         assert!(
             matches!(
                 fresh,
-                Err(httpc::HttpError::Reset { got_bytes: false }) | Err(httpc::HttpError::Closed { got_bytes: false })
+                Err(http_client::HttpError::Reset { got_bytes: false })
+                    | Err(http_client::HttpError::Closed { got_bytes: false })
             ),
             "{fresh:?}"
         );
 
         // No endpoints: refused too.
         tx.send(Arc::new(vec![])).unwrap();
-        assert!(httpc::get_once(proxy.addr, "svc", "/", &[]).await.is_err());
+        assert!(http_client::get_once(proxy.addr, "svc", "/", &[]).await.is_err());
         let outcomes: Vec<Outcome> = proxy.log.records().iter().map(|r| r.outcome).collect();
         assert!(outcomes.contains(&Outcome::Refused) && outcomes.contains(&Outcome::NoEndpoints), "{outcomes:?}");
         server.abort();
@@ -362,8 +370,8 @@ mod tests {
         });
         let (_tx, rx) = watch::channel::<Slice>(Arc::new(vec![ep("a", a, true)]));
         let proxy = ServiceProxy::start("svc", "127.0.0.1:0".parse().unwrap(), rx, cluster.clone()).await.unwrap();
-        let r = httpc::get_once(proxy.addr, "svc", "/", &[]).await;
-        assert!(matches!(r, Err(httpc::HttpError::Reset { .. })), "{r:?}");
+        let r = http_client::get_once(proxy.addr, "svc", "/", &[]).await;
+        assert!(matches!(r, Err(http_client::HttpError::Reset { .. })), "{r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let rec = &proxy.log.records()[0];
         assert_eq!(rec.end.map(|e| e.1), Some(End::PodReset));

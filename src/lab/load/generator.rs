@@ -16,9 +16,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::cluster::{ser_ms, Clock};
-use super::httpc::{self, Conn, HttpError};
-use super::service_proxy::{Outcome as ProxyOutcome, ProxyLog};
+use crate::lab::api::cluster::{ser_ms, Clock};
+use crate::lab::network::http_client::{self, Conn, HttpError};
+use crate::lab::network::service_proxy::{Outcome as ProxyOutcome, ProxyLog};
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -240,7 +240,7 @@ async fn one_request(
     let traceparent = format!("00-{trace_id}-{}-01", hex_id(8));
     let mut rec = RequestRecord { trace_id, ..RequestRecord::new(id, start, Duration::ZERO, Outcome::Timeout) };
     let deadline = due + cfg.timeout;
-    let request = httpc::get(&cfg.host, &cfg.path, &[("traceparent", &traceparent)], false);
+    let request = http_client::get(&cfg.host, &cfg.path, &[("traceparent", &traceparent)], false);
     let conn = match take_idle(pool, cfg.pool_idle) {
         Some(c) => {
             rec.reused = true;
@@ -282,7 +282,7 @@ async fn one_request(
     rec
 }
 
-fn classify_response(rec: &mut RequestRecord, resp: &httpc::Response) -> Outcome {
+fn classify_response(rec: &mut RequestRecord, resp: &http_client::Response) -> Outcome {
     rec.status = Some(resp.status);
     let json: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
     if let Some(j) = &json {

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use super::container::Handler;
-use super::httpc;
+use crate::lab::network::http_client;
+use crate::lab::node::pod_spec::Handler;
 
 /// Runs `h` once within `timeout`. Ok = success by the kubelet's rules (HTTP 200–399, TCP
 /// connect, exec exit 0, sleep done); Err says why not.
@@ -17,7 +17,7 @@ pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: 
         }
         Handler::HttpGet { addr, host, path, headers } => {
             let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            match tokio::time::timeout(timeout, httpc::get_once(*addr, host, path, &hs)).await {
+            match tokio::time::timeout(timeout, http_client::get_once(*addr, host, path, &hs)).await {
                 Ok(Ok(r)) if (200..400).contains(&r.status) => Ok(()),
                 Ok(Ok(r)) => Err(format!("HTTP probe failed with statuscode: {}", r.status)),
                 Ok(Err(e)) => Err(format!("Get http://{addr}{path}: {e}")),
@@ -40,10 +40,10 @@ pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: 
                 .stdout(out.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .stderr(err.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .kill_on_drop(true);
-            super::run_group::join(&mut cmd);
+            crate::lab::node::run_group::join(&mut cmd);
             let mut child = cmd.spawn().map_err(|e| format!("exec {}: {e}", program.display()))?;
             // Declared after `child`, so dropped before it: the tree goes while its root is alive.
-            let mut tree = super::run_group::TreeKill::new(child.id());
+            let mut tree = crate::lab::node::run_group::TreeKill::new(child.id());
             let outcome = tokio::time::timeout(timeout, child.wait()).await;
             if outcome.is_ok() {
                 tree.disarm();

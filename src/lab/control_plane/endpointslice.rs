@@ -4,57 +4,17 @@
 //! change reaches the Service proxy only `lag` later, in order, which is the window where a
 //! deleted pod still receives new connections.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
-use super::cluster::{Cluster, EventKind, Pod};
-
-/// One endpoint with the EndpointSlice conditions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Endpoint {
-    pub pod: String,
-    pub addr: SocketAddr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-}
-
-pub type Slice = Arc<Vec<Endpoint>>;
-
-/// A Service port as the lab plays it.
-#[derive(Debug, Clone)]
-pub struct ServicePort {
-    /// `svc-backend` (port name appended when a Service has several ports).
-    pub service: String,
-    pub namespace: String,
-    pub selector: BTreeMap<String, String>,
-    pub port: u16,
-    pub target: IntOrString,
-    pub publish_not_ready: bool,
-}
-
-impl ServicePort {
-    fn selects(&self, pod: &Pod) -> bool {
-        pod.namespace == self.namespace && self.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-    }
-
-    fn target_port(&self, pod: &Pod) -> Option<u16> {
-        match &self.target {
-            IntOrString::Int(p) => u16::try_from(*p).ok(),
-            IntOrString::String(name) => match name.parse::<u16>() {
-                Ok(p) => Some(p),
-                Err(_) => pod.named_ports.get(name).copied(),
-            },
-        }
-    }
-}
+use crate::lab::api::cluster::{Cluster, EventKind, Pod};
+use crate::lab::api::endpoint_slice::{Endpoint, ServicePort, Slice};
+use crate::lab::network::service_proxy::routable;
 
 /// What the EndpointSlice controller publishes for `svc` given the pods now.
 pub fn slice_for(svc: &ServicePort, pods: &[Pod], now: Duration) -> Vec<Endpoint> {
@@ -77,19 +37,9 @@ pub fn slice_for(svc: &ServicePort, pods: &[Pod], now: Duration) -> Vec<Endpoint
     out
 }
 
-/// kube-proxy's choice for new connections: ready endpoints, or else terminating ones that still
-/// serve (the fallback added with EndpointSlice terminating conditions).
-pub fn routable(slice: &[Endpoint]) -> Vec<&Endpoint> {
-    let ready: Vec<&Endpoint> = slice.iter().filter(|e| e.ready).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    slice.iter().filter(|e| e.serving && e.terminating).collect()
-}
-
-/// The controller's tasks; dropping it stops them.
+/// The controller's tasks; dropping it stops them (a JoinSet aborts its tasks on drop).
 pub struct Controller {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _tasks: JoinSet<()>,
     /// Slices published and not yet applied by a proxy.
     pending: Arc<AtomicUsize>,
 }
@@ -121,14 +71,6 @@ impl Controller {
 /// The controller's resync period (pod `gone` times are noticed on it).
 const TICK: Duration = Duration::from_millis(100);
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
 /// Starts the controller and, per Service port, the lagged propagation; returns the proxies' views.
 pub fn start(
     cluster: Arc<Cluster>,
@@ -137,17 +79,17 @@ pub fn start(
 ) -> (Controller, Vec<watch::Receiver<Slice>>) {
     let mut queues = Vec::new();
     let mut views = Vec::new();
-    let mut tasks = Vec::new();
+    let mut tasks = JoinSet::new();
     let pending = Arc::new(AtomicUsize::new(0));
     for svc in &services {
         let (view_tx, view_rx) = watch::channel::<Slice>(Arc::new(Vec::new()));
         let (q_tx, q_rx) = mpsc::unbounded_channel::<(Duration, Slice)>();
-        tasks.push(tokio::spawn(propagate(cluster.clone(), svc.service.clone(), q_rx, view_tx, lag, pending.clone())));
+        tasks.spawn(propagate(cluster.clone(), svc.label(), q_rx, view_tx, lag, pending.clone()));
         queues.push(q_tx);
         views.push(view_rx);
     }
-    tasks.push(tokio::spawn(controller(cluster, services, queues, pending.clone())));
-    (Controller { tasks, pending }, views)
+    tasks.spawn(controller(cluster, services, queues, pending.clone()));
+    (Controller { _tasks: tasks, pending }, views)
 }
 
 async fn controller(
@@ -212,7 +154,8 @@ async fn propagate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::network::ipam::{Mode, Net};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn pod(name: &str, ready: bool, deleted: bool) -> Pod {
         let net = Net::new(Mode::PerIp).pod(&[5000]).unwrap();
@@ -235,12 +178,16 @@ mod tests {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Default::default(),
+            uid: String::new(),
+            config_error: None,
         }
     }
 
     fn svc() -> ServicePort {
         ServicePort {
             service: "svc-backend".into(),
+            port_label: None,
             namespace: "default".into(),
             selector: [("app".to_string(), "backend".to_string())].into(),
             port: 5000,
@@ -269,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn changes_reach_the_proxy_only_after_the_lag() {
-        let cluster = Arc::new(Cluster::new(crate::lab::cluster::Clock::new()));
+        let cluster = Arc::new(Cluster::new(crate::lab::api::cluster::Clock::new()));
         cluster.add_pod(pod("a", true, false));
         cluster.add_pod(pod("b", true, false));
         let lag = Duration::from_millis(400);

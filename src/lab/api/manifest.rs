@@ -362,7 +362,7 @@ fn validate_container(id: &str, at: &str, c: &Container, pod: &PodSpec) -> Resul
             return Err(refuse("lifecycle.postStart", "not played"));
         }
         if let Some(sig) = &lc.stop_signal {
-            if crate::lab::kubelet::signal_number(sig).is_none() {
+            if crate::lab::api::signal::stop_signal(sig).is_none() {
                 return Err(refuse("lifecycle.stopSignal", &format!("unknown signal `{sig}`")));
             }
         }

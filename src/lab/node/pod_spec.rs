@@ -17,8 +17,11 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::manifest::is_graceful_binary;
-use super::net::PodNet;
+use nix::sys::signal::Signal;
+
+use crate::lab::api::cluster::named_ports;
+use crate::lab::api::manifest::is_graceful_binary;
+use crate::lab::network::ipam::PodNet;
 
 /// What a probe or hook does, resolved to this machine's addresses.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +55,7 @@ pub struct ContainerPlan {
     pub readiness: Option<ProbePlan>,
     pub liveness: Option<ProbePlan>,
     pub pre_stop: Option<Handler>,
-    pub stop_signal: i32,
+    pub stop_signal: Signal,
     pub grace: Duration,
     /// Named container ports, for named targetPorts and probe ports.
     pub named_ports: BTreeMap<String, u16>,
@@ -115,12 +118,7 @@ fn role_listeners(role: &str) -> Option<[(&'static str, &'static str, u16); 2]> 
 pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPlan> {
     let spec = template.spec.as_ref().context("pod template has no spec")?;
     let c = spec.containers.first().context("pod template has no container")?;
-    let named_ports: BTreeMap<String, u16> = c
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
-        .collect();
+    let named_ports = named_ports(c);
     let container_ports: Vec<u16> =
         c.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
 
@@ -144,8 +142,8 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         None => None,
     };
     let stop_signal = match lifecycle.and_then(|l| l.stop_signal.as_deref()) {
-        Some(s) => super::kubelet::signal_number(s).with_context(|| format!("unknown stopSignal {s}"))?,
-        None => libc::SIGTERM,
+        Some(s) => crate::lab::api::signal::stop_signal(s).with_context(|| format!("unknown stopSignal {s}"))?,
+        None => Signal::SIGTERM,
     };
     let grace = Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
     let cwd = c.working_dir.as_deref().map(|d| PathBuf::from(remap_paths(d, &mounts))).filter(|p| p.is_dir());
@@ -590,7 +588,7 @@ fn probe_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::network::ipam::{Mode, Net};
 
     #[test]
     fn expansion_follows_kubernetes_rules() {
@@ -610,7 +608,7 @@ mod tests {
     #[test]
     fn rendered_solution_plans_with_pod_addresses() {
         let (_, text) = crate::lab::embedded_overlays().into_iter().find(|(n, _)| *n == "solution").unwrap();
-        let m = crate::lab::manifest::parse("solution", text).unwrap();
+        let m = crate::lab::api::manifest::parse("solution", text).unwrap();
         let d = m.deployments.iter().find(|d| d.metadata.name.as_deref() == Some("backend")).unwrap();
         let template = &d.spec.as_ref().unwrap().template;
         let net = Net::new(Mode::PerIp).pod(&[5000, 5001]).unwrap();

@@ -2,15 +2,16 @@
 //! the timeline, and a change signal every controller watches.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::net::PodNet;
+use crate::lab::network::ipam::PodNet;
 
 /// One time base for the whole run: monotonic offsets, convertible to and from the Unix time
 /// that spans carry. tokio's `Instant` so that tests with a paused clock see the same time.
@@ -66,6 +67,11 @@ pub(crate) fn ser_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Re
     }
 }
 
+/// A container's named ports (`http` -> 5000), for named targetPorts and probe ports.
+pub fn named_ports(c: &Container) -> BTreeMap<String, u16> {
+    c.ports.iter().flatten().filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?))).collect()
+}
+
 /// A pod as the API server and kubelet report it. Times are offsets from the run's start.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pod {
@@ -102,6 +108,14 @@ pub struct Pod {
     #[serde(serialize_with = "ser_opt_ms", rename = "gone_ms")]
     pub gone: Option<Duration>,
     pub restarts: u32,
+    /// The pod's spec as the API holds it; the kubelet reads it to start the container.
+    #[serde(skip)]
+    pub spec: Arc<PodTemplateSpec>,
+    #[serde(skip)]
+    pub uid: String,
+    /// The kubelet could not turn the spec into a container (CreateContainerConfigError).
+    #[serde(skip)]
+    pub config_error: Option<String>,
 }
 
 impl Pod {
@@ -111,18 +125,41 @@ impl Pod {
     }
 
     /// Where in its life the pod was at `t`, from the lab's own records.
-    pub fn phase_at(&self, t: Duration) -> &'static str {
+    pub fn phase_at(&self, t: Duration) -> PodPhase {
         if self.exited.is_some_and(|e| t >= e) && self.deleted.is_some() {
-            "exited"
+            PodPhase::Exited
         } else if self.sigterm.is_some_and(|s| t >= s) {
-            "after-sigterm"
+            PodPhase::AfterSigterm
         } else if self.deleted.is_some_and(|d| t >= d) {
-            "prestop"
+            PodPhase::PreStop
         } else if self.ready_since.is_some_and(|r| t >= r) {
-            "serving"
+            PodPhase::Serving
         } else {
-            "starting"
+            PodPhase::Starting
         }
+    }
+}
+
+/// A pod's shutdown phase at some moment, as the lab's records tell it (attribution's fallback
+/// when no span says it; the timeline's lanes are a different, finer view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    Starting,
+    Serving,
+    PreStop,
+    AfterSigterm,
+    Exited,
+}
+
+impl std::fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PodPhase::Starting => "starting",
+            PodPhase::Serving => "serving",
+            PodPhase::PreStop => "prestop",
+            PodPhase::AfterSigterm => "after-sigterm",
+            PodPhase::Exited => "exited",
+        })
     }
 }
 
@@ -212,6 +249,26 @@ impl Cluster {
             self.bump();
         }
         found
+    }
+
+    /// Sets the deletionTimestamp (once); the kubelet watching the pod takes it from there.
+    pub fn delete_pod(&self, name: &str) {
+        let at = self.clock.now();
+        {
+            let mut st = self.state.lock().unwrap();
+            match st.pods.get_mut(name) {
+                Some(p) if p.deleted.is_none() => p.deleted = Some(at),
+                _ => return,
+            }
+            // Logged before watchers wake, so the kubelet's preStop event comes after it.
+            st.events.push(Event { at, pod: name.to_string(), kind: EventKind::Deleted, detail: String::new() });
+        }
+        self.bump();
+    }
+
+    /// A pod the API no longer has counts as deleted.
+    pub fn is_deleted(&self, name: &str) -> bool {
+        self.state.lock().unwrap().pods.get(name).is_none_or(|p| p.deleted.is_some())
     }
 
     pub fn event(&self, pod: &str, kind: EventKind, detail: impl Into<String>) {

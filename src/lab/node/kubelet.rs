@@ -4,18 +4,26 @@
 //! deletion, preStop included) runs out — plus a one-off 2 s if preStop overran, as the kubelet
 //! grants.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use k8s_openapi::api::core::v1::ConfigMap;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::cluster::{Cluster, EventKind};
-use super::container::{ContainerPlan, ProbePlan};
-use super::probes::{self, Thresholds};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::lab::api::cluster::{Cluster, EventKind, Pod};
+use crate::lab::api::signal;
+use crate::lab::node::pod_spec::{self, ContainerPlan, PodContext, ProbePlan, ServiceDns};
+use crate::lab::node::prober::{self, Thresholds};
 
 /// The kubelet's extension when preStop used up the grace period.
 const PRESTOP_OVERRUN_EXTENSION: Duration = Duration::from_secs(2);
@@ -23,91 +31,116 @@ const PRESTOP_OVERRUN_EXTENSION: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
-pub fn signal_number(name: &str) -> Option<i32> {
-    let n = name.trim_start_matches("SIG");
-    Some(match n {
-        "TERM" => libc::SIGTERM,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "HUP" => libc::SIGHUP,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "WINCH" => libc::SIGWINCH,
-        _ => return None,
-    })
-}
+/// The lab's only node.
+pub const NODE_NAME: &str = "lab-node";
 
-pub fn signal_name(sig: i32) -> String {
-    match sig {
-        libc::SIGTERM => "SIGTERM".into(),
-        libc::SIGINT => "SIGINT".into(),
-        libc::SIGQUIT => "SIGQUIT".into(),
-        libc::SIGKILL => "SIGKILL".into(),
-        libc::SIGHUP => "SIGHUP".into(),
-        other => format!("signal {other}"),
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct KubeletOptions {
+/// What this node gives every pod it runs.
+pub struct NodeConfig {
+    /// The image's binary: this very binary.
+    pub exe: PathBuf,
+    /// Per-pod directories (volumes) and log files go under `<run_dir>/pods`.
+    pub run_dir: PathBuf,
+    pub config_maps: Vec<ConfigMap>,
+    pub services: Vec<ServiceDns>,
+    pub otlp_endpoint: Option<String>,
     /// Container exit → pod sandbox (and its address) torn down.
     pub sandbox_teardown: Duration,
 }
 
-/// A running pod; deleting it starts the graceful termination.
-pub struct PodHandle {
-    pub name: String,
-    delete: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+impl NodeConfig {
+    pub fn log_path(&self, pod: &str) -> PathBuf {
+        self.run_dir.join("pods").join(format!("{pod}.log"))
+    }
+
+    /// The pod's spec resolved on this node: files written, addresses and names substituted.
+    fn plan(&self, pod: &Pod) -> anyhow::Result<ContainerPlan> {
+        let dir = self.run_dir.join("pods").join(&pod.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ctx = PodContext {
+            name: &pod.name,
+            namespace: &pod.namespace,
+            uid: &pod.uid,
+            labels: &pod.labels,
+            net: &pod.net,
+            node: NODE_NAME,
+            exe: &self.exe,
+            dir: &dir,
+            config_maps: &self.config_maps,
+            services: &self.services,
+            otlp_endpoint: self.otlp_endpoint.as_deref(),
+        };
+        pod_spec::plan(&pod.spec, &ctx)
+    }
 }
 
-impl PodHandle {
-    /// Sets the deletionTimestamp (the API server's part); the kubelet takes it from there.
-    pub fn delete(&self, cluster: &Cluster) {
-        if self.is_deleted() {
+/// The node agent: watches the store and runs a worker for every pod it finds; a pod's deletion
+/// reaches its worker through the store too. Dropping it kills every container of the node.
+pub struct Kubelet {
+    _sync: AbortOnDropHandle<()>,
+}
+
+impl Kubelet {
+    pub fn start(cluster: Arc<Cluster>, node: NodeConfig) -> Kubelet {
+        Kubelet { _sync: AbortOnDropHandle::new(tokio::spawn(sync_pods(cluster, node))) }
+    }
+}
+
+/// The kubelet's sync loop: a worker per new pod; the workers die with this task (JoinSet).
+async fn sync_pods(cluster: Arc<Cluster>, node: NodeConfig) {
+    let mut workers = JoinSet::new();
+    let mut seen = HashSet::new();
+    let mut changes = cluster.subscribe();
+    loop {
+        changes.borrow_and_update();
+        for pod in cluster.pods() {
+            if !seen.insert(pod.name.clone()) {
+                continue;
+            }
+            match node.plan(&pod) {
+                Ok(plan) => {
+                    let log = node.log_path(&pod.name);
+                    workers.spawn(worker(cluster.clone(), pod.name, Arc::new(plan), log, node.sandbox_teardown));
+                }
+                Err(e) => {
+                    cluster.update_pod(&pod.name, |p| p.config_error = Some(format!("{e:#}")));
+                }
+            }
+        }
+        while workers.try_join_next().is_some() {}
+        if changes.changed().await.is_err() {
             return;
         }
-        let now = cluster.clock.now();
-        cluster.update_pod(&self.name, |p| {
-            p.deleted.get_or_insert(now);
-        });
-        cluster.event(&self.name, EventKind::Deleted, "");
-        self.delete.send_replace(true);
-    }
-
-    pub fn is_deleted(&self) -> bool {
-        *self.delete.borrow()
-    }
-
-    /// Waits until the pod's container has stopped for good (after `delete`).
-    pub async fn wait(&mut self) {
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
     }
 }
 
-impl Drop for PodHandle {
-    fn drop(&mut self) {
-        // The worker owns the child with kill_on_drop: aborting it kills the process.
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
-}
-
-/// Starts the kubelet's worker for a pod already added to the cluster.
-pub fn start(
+/// One pod's deletionTimestamp, as its worker watches it in the store.
+struct Deletion {
     cluster: Arc<Cluster>,
     name: String,
-    plan: ContainerPlan,
-    log: PathBuf,
-    opts: KubeletOptions,
-) -> PodHandle {
-    let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(worker(cluster, name.clone(), Arc::new(plan), log, rx, opts));
-    PodHandle { name, delete: tx, task: Some(task) }
+    changes: watch::Receiver<u64>,
+}
+
+impl Deletion {
+    fn new(cluster: Arc<Cluster>, name: String) -> Deletion {
+        let changes = cluster.subscribe();
+        Deletion { cluster, name, changes }
+    }
+
+    fn requested(&self) -> bool {
+        self.cluster.is_deleted(&self.name)
+    }
+
+    async fn wait(&mut self) {
+        loop {
+            self.changes.borrow_and_update();
+            if self.requested() {
+                return;
+            }
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 fn spawn(plan: &ContainerPlan, log: &std::path::Path) -> std::io::Result<Child> {
@@ -124,25 +157,23 @@ fn spawn(plan: &ContainerPlan, log: &std::path::Path) -> std::io::Result<Child> 
     if let Some(dir) = &plan.cwd {
         cmd.current_dir(dir);
     }
-    super::run_group::join(&mut cmd);
+    crate::lab::node::run_group::join(&mut cmd);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child if the lab dies,
     // so no pod outlives a crashed lab.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             Ok(())
         });
     }
     cmd.spawn()
 }
 
-fn send_signal(child: &Child, sig: i32) {
-    if let Some(pid) = child.id() {
-        // SAFETY: plain kill(2) on our own child, whose pid is still ours (not yet reaped).
-        unsafe {
-            libc::kill(pid as i32, sig);
-        }
+fn send_signal(child: &Child, sig: Signal) {
+    // `id()` is None once reaped, so the pid is still our own child's.
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
     }
 }
 
@@ -150,20 +181,48 @@ fn describe_exit(s: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (s.code(), s.signal()) {
         (Some(c), _) => format!("exit code {c}"),
-        (None, Some(sig)) => format!("killed by {}", signal_name(sig)),
+        (None, Some(sig)) => format!("killed by {}", signal::describe(sig)),
         _ => "exited".into(),
     }
 }
 
-/// Tasks that must not outlive the container they watch (nor an aborted worker).
-struct Tasks(Vec<JoinHandle<()>>);
+/// A running container's probe workers. Readiness (and startup) go on while the pod terminates,
+/// liveness stops at once; all of them stop with the container (or an aborted worker).
+struct Probes {
+    /// Held, not read: dropping the set aborts its tasks.
+    _readiness: JoinSet<()>,
+    liveness: Option<AbortOnDropHandle<()>>,
+    /// Kill requests from a failed startup or liveness probe: (grace, why).
+    kills: mpsc::UnboundedReceiver<(Duration, String)>,
+}
 
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
+fn start_probes(cluster: &Arc<Cluster>, name: &str, plan: &Arc<ContainerPlan>, log: &std::path::Path) -> Probes {
+    let (kill_tx, kills) = mpsc::unbounded_channel::<(Duration, String)>();
+    let (started_tx, started_rx) = watch::channel(plan.startup.is_none());
+    let mut readiness = JoinSet::new();
+    let (name, log) = (name.to_string(), log.to_path_buf());
+    if let Some(p) = plan.startup.clone() {
+        let (c, n, pl, l) = (cluster.clone(), name.clone(), plan.clone(), log.clone());
+        readiness.spawn(startup_probe(c, n, p, pl, l, started_tx, kill_tx.clone()));
     }
+    if let Some(p) = plan.readiness.clone() {
+        readiness.spawn(readiness_probe(
+            cluster.clone(),
+            name.clone(),
+            p,
+            plan.clone(),
+            log.clone(),
+            started_rx.clone(),
+        ));
+    } else {
+        // No readiness probe: Ready as soon as the container has started.
+        readiness.spawn(ready_when_started(cluster.clone(), name.clone(), started_rx.clone()));
+    }
+    let liveness = plan
+        .liveness
+        .clone()
+        .map(|p| AbortOnDropHandle::new(tokio::spawn(liveness_probe(p, plan.clone(), log, started_rx, kill_tx))));
+    Probes { _readiness: readiness, liveness, kills }
 }
 
 /// Why a container's run ended.
@@ -179,12 +238,12 @@ async fn worker(
     name: String,
     plan: Arc<ContainerPlan>,
     log: PathBuf,
-    mut deleted: watch::Receiver<bool>,
-    opts: KubeletOptions,
+    sandbox_teardown: Duration,
 ) {
+    let mut deleted = Deletion::new(cluster.clone(), name.clone());
     let mut restarts: u32 = 0;
     loop {
-        if *deleted.borrow() {
+        if deleted.requested() {
             break;
         }
         let mut child = match spawn(&plan, &log) {
@@ -207,73 +266,37 @@ async fn worker(
         });
         cluster.event(&name, EventKind::ContainerStarted, format!("pid {}", child.id().unwrap_or(0)));
 
-        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<(Duration, String)>();
-        let (started_tx, started_rx) = watch::channel(plan.startup.is_none());
-        let mut probe_tasks = Tasks(Vec::new());
-        if let Some(p) = plan.startup.clone() {
-            probe_tasks.0.push(tokio::spawn(startup_probe(
-                cluster.clone(),
-                name.clone(),
-                p,
-                plan.clone(),
-                log.clone(),
-                started_tx,
-                kill_tx.clone(),
-            )));
-        }
-        if let Some(p) = plan.readiness.clone() {
-            probe_tasks.0.push(tokio::spawn(readiness_probe(
-                cluster.clone(),
-                name.clone(),
-                p,
-                plan.clone(),
-                log.clone(),
-                started_rx.clone(),
-            )));
-        } else {
-            // No readiness probe: Ready as soon as the container has started.
-            probe_tasks.0.push(tokio::spawn(ready_when_started(cluster.clone(), name.clone(), started_rx.clone())));
-        }
-        let liveness = Tasks(
-            plan.liveness
-                .clone()
-                .map(|p| {
-                    tokio::spawn(liveness_probe(p, plan.clone(), log.clone(), started_rx.clone(), kill_tx.clone()))
-                })
-                .into_iter()
-                .collect(),
-        );
-        drop(kill_tx);
+        let mut probes = start_probes(&cluster, &name, &plan, &log);
 
         let ended = tokio::select! {
             s = child.wait() => Ended::Exited(s.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())),
-            _ = deleted.wait_for(|d| *d) => Ended::Deleted,
-            Some((grace, why)) = kill_rx.recv() => Ended::ProbeKill(grace, why),
+            _ = deleted.wait() => Ended::Deleted,
+            Some((grace, why)) = probes.kills.recv() => Ended::ProbeKill(grace, why),
         };
         // Liveness probes stop once the pod is terminating; readiness goes on.
-        drop(liveness);
+        drop(probes.liveness.take());
         match ended {
             Ended::Deleted => {
                 let at = cluster.pod(&name).and_then(|p| p.deleted).unwrap_or_else(|| cluster.clock.now());
                 terminate(&cluster, &name, &plan, &log, &mut child, at, plan.grace).await;
-                stop_probes(&cluster, &name, probe_tasks);
+                stop_probes(&cluster, &name, probes);
                 break;
             }
             Ended::ProbeKill(grace, why) => {
                 cluster.event(&name, EventKind::ProbeFailed, format!("{why}; container will be restarted"));
                 terminate(&cluster, &name, &plan, &log, &mut child, cluster.clock.now(), grace).await;
-                stop_probes(&cluster, &name, probe_tasks);
+                stop_probes(&cluster, &name, probes);
             }
             Ended::Exited(how) => {
                 cluster.update_pod(&name, |p| p.exited = Some(cluster.clock.now()));
                 cluster.event(&name, EventKind::Exited, how);
-                stop_probes(&cluster, &name, probe_tasks);
-                if *deleted.borrow() {
+                stop_probes(&cluster, &name, probes);
+                if deleted.requested() {
                     break;
                 }
             }
         }
-        if *deleted.borrow() {
+        if deleted.requested() {
             break;
         }
         if backoff(&mut deleted, restarts).await {
@@ -283,7 +306,7 @@ async fn worker(
         cluster.event(&name, EventKind::Restarting, format!("restart {restarts}"));
     }
     // The sandbox (and the pod's address) goes away a moment after the last container.
-    let gone_at = cluster.clock.now() + opts.sandbox_teardown;
+    let gone_at = cluster.clock.now() + sandbox_teardown;
     cluster.update_pod(&name, |p| {
         p.running = false;
         p.ready = false;
@@ -296,20 +319,20 @@ async fn worker(
 
 /// Sleeps the CrashLoopBackOff for restart number `restarts` (0 = none); true if the pod was
 /// deleted meanwhile.
-async fn backoff(deleted: &mut watch::Receiver<bool>, restarts: u32) -> bool {
+async fn backoff(deleted: &mut Deletion, restarts: u32) -> bool {
     if restarts == 0 {
-        return *deleted.borrow();
+        return deleted.requested();
     }
     let d = BACKOFF_START.saturating_mul(1 << (restarts - 1).min(16)).min(BACKOFF_MAX);
     let woke = tokio::select! {
         _ = tokio::time::sleep(d) => false,
-        _ = deleted.wait_for(|d| *d) => true,
+        _ = deleted.wait() => true,
     };
-    woke || *deleted.borrow()
+    woke || deleted.requested()
 }
 
-fn stop_probes(cluster: &Cluster, name: &str, tasks: Tasks) {
-    drop(tasks);
+fn stop_probes(cluster: &Cluster, name: &str, probes: Probes) {
+    drop(probes);
     cluster.update_pod(name, |p| {
         p.running = false;
         p.started = false;
@@ -335,7 +358,7 @@ async fn terminate(
         cluster.event(name, EventKind::PreStopStarted, "");
         let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
-            r = probes::run(hook, budget, &plan.env, log) => match r {
+            r = prober::run(hook, budget, &plan.env, log) => match r {
                 Ok(()) => cluster.event(name, EventKind::PreStopFinished, ""),
                 Err(e) => {
                     let overran = tokio::time::Instant::now() >= deadline;
@@ -356,7 +379,7 @@ async fn terminate(
     }
     send_signal(child, plan.stop_signal);
     cluster.update_pod(name, |p| p.sigterm = Some(cluster.clock.now()));
-    cluster.event(name, EventKind::Sigterm, signal_name(plan.stop_signal));
+    cluster.event(name, EventKind::Sigterm, plan.stop_signal.as_str());
     let status = tokio::select! {
         s = child.wait() => s,
         _ = tokio::time::sleep_until(deadline) => {
@@ -394,7 +417,7 @@ async fn startup_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         t.record(r.is_ok());
         if t.result() {
             cluster.update_pod(&name, |pod| pod.started = true);
@@ -424,7 +447,7 @@ async fn readiness_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         if let Some(ready) = t.record(r.is_ok()) {
             let now = cluster.clock.now();
             cluster.update_pod(&name, |pod| {
@@ -462,7 +485,7 @@ async fn liveness_probe(
     let mut tick = ticker(&p).await;
     loop {
         tick.tick().await;
-        let r = probes::run(&p.handler, p.timeout, &plan.env, &log).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
         if t.record(r.is_ok()) == Some(false) {
             let why = format!("liveness probe failed: {}", r.err().unwrap_or_default());
             let _ = kill.send((p.grace.unwrap_or(plan.grace), why));
@@ -474,9 +497,10 @@ async fn liveness_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::{Clock, Pod};
-    use crate::lab::container::Handler;
-    use crate::lab::net::{Mode, Net};
+    use crate::lab::api::cluster::{Clock, Pod};
+    use crate::lab::network::ipam::{Mode, Net};
+    use crate::lab::node::pod_spec::Handler;
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
 
     fn plan(script: &str, grace_ms: u64) -> ContainerPlan {
         ContainerPlan {
@@ -488,7 +512,7 @@ mod tests {
             readiness: None,
             liveness: None,
             pre_stop: None,
-            stop_signal: libc::SIGTERM,
+            stop_signal: Signal::SIGTERM,
             grace: Duration::from_millis(grace_ms),
             named_ports: Default::default(),
             container_ports: vec![],
@@ -496,6 +520,10 @@ mod tests {
     }
 
     fn add_pod(cluster: &Cluster, name: &str) {
+        add_pod_with(cluster, name, Default::default());
+    }
+
+    fn add_pod_with(cluster: &Cluster, name: &str, spec: PodTemplateSpec) {
         let net = Net::in_block(Mode::PerIp, 251).pod(&[]).unwrap();
         cluster.add_pod(Pod {
             name: name.into(),
@@ -516,15 +544,103 @@ mod tests {
             exited: None,
             gone: None,
             restarts: 0,
+            spec: Arc::new(spec),
+            uid: String::new(),
+            config_error: None,
         });
+    }
+
+    /// A pod template whose container runs `script` under /bin/sh (the node's "image").
+    fn template(script: &str, stop_signal: Option<&str>) -> PodTemplateSpec {
+        serde_json::from_value(serde_json::json!({
+            "spec": {
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{
+                    "name": "c",
+                    "args": ["-c", script],
+                    "lifecycle": stop_signal.map(|s| serde_json::json!({"stopSignal": s})),
+                }],
+            }
+        }))
+        .unwrap()
+    }
+
+    fn node(dir: &std::path::Path) -> NodeConfig {
+        NodeConfig {
+            exe: "/bin/sh".into(),
+            run_dir: dir.to_path_buf(),
+            config_maps: vec![],
+            services: vec![],
+            otlp_endpoint: None,
+            sandbox_teardown: Duration::from_millis(100),
+        }
+    }
+
+    fn container_pid(cluster: &Cluster) -> i32 {
+        let started = cluster.events().into_iter().find(|e| e.kind == EventKind::ContainerStarted).unwrap();
+        started.detail.trim_start_matches("pid ").parse().unwrap()
+    }
+
+    async fn wait_gone(pid: i32) -> bool {
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < until {
+            // A zombie still has /proc/PID; its state line says Z.
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.contains(") Z ") => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_kubelet_runs_pods_from_the_store_and_stops_them_on_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Arc::new(Cluster::new(Clock::new()));
+        let kubelet = Kubelet::start(cluster.clone(), node(dir.path()));
+        add_pod_with(&cluster, "p", template("exec sleep 30", Some("SIGTERM")));
+        wait_for(&cluster, |p| p.ready).await;
+        let pid = container_pid(&cluster);
+        cluster.delete_pod("p");
+        wait_for(&cluster, |p| p.gone.is_some()).await;
+        let k = kinds(&cluster);
+        assert!(k.contains(&EventKind::Sigterm) && !k.contains(&EventKind::Sigkill), "{k:?}");
+        assert!(wait_gone(pid).await, "container {pid} still running after deletion");
+        drop(kubelet);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_kubelet_kills_its_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Arc::new(Cluster::new(Clock::new()));
+        let kubelet = Kubelet::start(cluster.clone(), node(dir.path()));
+        add_pod_with(&cluster, "p", template("exec sleep 30", None));
+        wait_for(&cluster, |p| p.running).await;
+        let pid = container_pid(&cluster);
+        drop(kubelet);
+        assert!(wait_gone(pid).await, "container {pid} outlived its kubelet");
+    }
+
+    #[tokio::test]
+    async fn a_spec_the_node_cannot_run_is_reported_on_the_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Arc::new(Cluster::new(Clock::new()));
+        let _kubelet = Kubelet::start(cluster.clone(), node(dir.path()));
+        add_pod_with(&cluster, "p", template("exec sleep 30", Some("SIGBOGUS")));
+        wait_for(&cluster, |p| p.config_error.is_some()).await;
+        let pod = cluster.pod("p").unwrap();
+        assert!(pod.config_error.unwrap().contains("SIGBOGUS"));
+        assert!(!pod.running);
     }
 
     fn kinds(cluster: &Cluster) -> Vec<EventKind> {
         cluster.events().iter().map(|e| e.kind).collect()
     }
 
-    fn options() -> KubeletOptions {
-        KubeletOptions { sandbox_teardown: Duration::from_millis(100) }
+    /// A worker for pod `p`, as the kubelet's sync loop starts it.
+    fn run(cluster: &Arc<Cluster>, plan: ContainerPlan, log: PathBuf) -> AbortOnDropHandle<()> {
+        let teardown = Duration::from_millis(100);
+        AbortOnDropHandle::new(tokio::spawn(worker(cluster.clone(), "p".into(), Arc::new(plan), log, teardown)))
     }
 
     async fn wait_for(cluster: &Cluster, what: impl Fn(&Pod) -> bool) {
@@ -542,10 +658,10 @@ mod tests {
         add_pod(&cluster, "p");
         let mut p = plan("exec sleep 30", 5000);
         p.pre_stop = Some(Handler::Sleep(Duration::from_millis(300)));
-        let mut h = start(cluster.clone(), "p".into(), p, dir.path().join("log"), options());
+        let h = run(&cluster, p, dir.path().join("log"));
         wait_for(&cluster, |p| p.ready).await;
-        h.delete(&cluster);
-        tokio::time::timeout(Duration::from_secs(10), h.wait()).await.unwrap();
+        cluster.delete_pod("p");
+        tokio::time::timeout(Duration::from_secs(10), h).await.unwrap().unwrap();
         let pod = cluster.pod("p").unwrap();
         let held = pod.sigterm.unwrap() - pod.deleted.unwrap();
         assert!(held >= Duration::from_millis(290), "SIGTERM only after preStop: {held:?}");
@@ -564,16 +680,10 @@ mod tests {
         let cluster = Arc::new(Cluster::new(Clock::new()));
         add_pod(&cluster, "p");
         // Ignores SIGTERM; the grace period (counted from deletion) ends it.
-        let mut h = start(
-            cluster.clone(),
-            "p".into(),
-            plan("trap '' TERM; while :; do sleep 0.1; done", 700),
-            dir.path().join("log"),
-            options(),
-        );
+        let h = run(&cluster, plan("trap '' TERM; while :; do sleep 0.1; done", 700), dir.path().join("log"));
         wait_for(&cluster, |p| p.running).await;
-        h.delete(&cluster);
-        tokio::time::timeout(Duration::from_secs(10), h.wait()).await.unwrap();
+        cluster.delete_pod("p");
+        tokio::time::timeout(Duration::from_secs(10), h).await.unwrap().unwrap();
         let pod = cluster.pod("p").unwrap();
         let lived = pod.exited.unwrap() - pod.deleted.unwrap();
         assert!(kinds(&cluster).contains(&EventKind::Sigkill));
@@ -595,7 +705,7 @@ mod tests {
             failure_threshold: 2,
             grace: Some(Duration::from_millis(500)),
         });
-        let h = start(cluster.clone(), "p".into(), p, dir.path().join("log"), options());
+        let h = run(&cluster, p, dir.path().join("log"));
         wait_for(&cluster, |p| p.restarts >= 1).await;
         let k = kinds(&cluster);
         assert!(k.contains(&EventKind::ProbeFailed) && k.contains(&EventKind::Restarting), "{k:?}");

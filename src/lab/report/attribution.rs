@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::cluster::{ms, Clock, Pod};
-use super::load::{Outcome, RequestRecord};
-use super::service_proxy::{ConnRecord, End, Outcome as ProxyOutcome, BLACKHOLE_HOLD};
+use crate::lab::api::cluster::{ms, Clock, Pod};
+use crate::lab::load::generator::{Outcome, RequestRecord};
+use crate::lab::network::service_proxy::{ConnRecord, End, Outcome as ProxyOutcome, BLACKHOLE_HOLD};
 use crate::otlp_receiver::{SpanRecord, KIND_CLIENT, KIND_SERVER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -173,148 +173,203 @@ fn span_phase(s: &SpanRecord) -> (String, Option<f64>) {
     (phase, attr_f64(s, "graceful.ms_since_sigterm"))
 }
 
-fn explain(
-    inp: &Inputs,
-    r: &RequestRecord,
-    spans: &[&SpanRecord],
-    pods: &HashMap<&str, &Pod>,
+/// Who failed a request, before it becomes an [`Attribution`].
+struct Verdict {
+    hop: String,
+    pod: String,
+    phase: String,
+    ms_after_sigterm: Option<f64>,
+    cause: String,
+    source: Source,
+}
+
+/// One failed request with what is known about it.
+struct Case<'a> {
+    inp: &'a Inputs<'a>,
+    r: &'a RequestRecord,
+    spans: &'a [&'a SpanRecord],
+    pods: &'a HashMap<&'a str, &'a Pod>,
+    /// The frontend's server span: the one whose parent is the client's (unexported) span.
+    fe_server: Option<&'a SpanRecord>,
+    /// The frontend's Deployment ("frontend" when no record names the pod).
+    fe_deploy: String,
+    end_of_request: Duration,
+}
+
+impl Case<'_> {
+    fn verdict(&self, v: Verdict) -> Attribution {
+        Attribution {
+            request: self.r.id,
+            trace_id: self.r.trace_id.clone(),
+            hop: v.hop,
+            deployment: deployment_of(self.pods, &v.pod),
+            pod: v.pod,
+            phase: v.phase,
+            ms_after_sigterm: v.ms_after_sigterm,
+            cause: v.cause,
+            source: v.source,
+        }
+    }
+
+    fn hop_to(&self, pod: &str) -> String {
+        format!("{}→{}", self.fe_deploy, deployment_of(self.pods, pod))
+    }
+}
+
+fn explain<'a>(
+    inp: &'a Inputs<'a>,
+    r: &'a RequestRecord,
+    spans: &'a [&'a SpanRecord],
+    pods: &'a HashMap<&'a str, &'a Pod>,
     used: &mut HashSet<(usize, usize)>,
 ) -> Result<Attribution, String> {
     let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-    // The frontend's server span is the one whose parent is the load generator's (unexported) span.
-    let fe_server = spans.iter().find(|s| s.kind == KIND_SERVER && !ids.contains(s.parent_span_id.as_str()));
+    let fe_server = spans.iter().copied().find(|s| s.kind == KIND_SERVER && !ids.contains(s.parent_span_id.as_str()));
     let end_of_request = r.start + r.latency;
-    let base = |hop: String, pod: &str, phase: String, ms: Option<f64>, cause: String, source: Source| Attribution {
-        request: r.id,
-        trace_id: r.trace_id.clone(),
-        hop,
-        pod: pod.to_string(),
-        deployment: deployment_of(pods, pod),
-        phase,
-        ms_after_sigterm: ms,
-        cause,
-        source,
-    };
     let fe_pod_name =
         fe_server.and_then(|s| span_pod(s)).map(str::to_string).or_else(|| r.frontend_pod.clone()).or_else(|| {
             r.local.and_then(|l| lookup(&inp.entry.records, l, end_of_request)).and_then(|c| c.pod.clone())
         });
     let fe_deploy = fe_pod_name.as_deref().map(|p| deployment_of(pods, p)).unwrap_or_else(|| "frontend".into());
-
-    // 1. The frontend answered with an error: look one hop further.
+    let case = Case { inp, r, spans, pods, fe_server, fe_deploy, end_of_request };
     let frontend_answered = matches!(r.outcome, Outcome::Http(_) | Outcome::BadBody) && r.status.is_some();
     if frontend_answered {
-        let mut attempts: Vec<&&SpanRecord> = spans
-            .iter()
-            .filter(|s| s.kind == KIND_CLIENT && (s.attr_str("error.type").is_some() || s.status_error))
-            .collect();
-        attempts.sort_by_key(|s| s.start_unix_nanos);
-        if let Some(attempt) = attempts.last() {
-            let cause = attempt.attr_str("error.type").unwrap_or("error").to_string();
-            let attempt_end = inp.clock.unix_nanos_to_ms(attempt.end_unix_nanos);
-            let attempt_start = inp.clock.unix_nanos_to_ms(attempt.start_unix_nanos);
-            let be_server = spans.iter().find(|s| s.kind == KIND_SERVER && s.parent_span_id == attempt.span_id);
-            if let Some(be) = be_server.filter(|s| span_pod(s).is_some()) {
-                let pod = span_pod(be).unwrap_or_default();
-                let (phase, msig) = span_phase_at(be, pods, inp.clock);
-                let hop = format!("{fe_deploy}→{}", deployment_of(pods, pod));
-                return Ok(base(hop, pod, phase, msig, cause, Source::Spans));
-            }
-            if let Some(peer) = attempt.attr_str("graceful.peer.pod").filter(|p| !p.is_empty()) {
-                let (phase, msig) = lab_phase(pods, peer, dur_ms(attempt_end));
-                let hop = format!("{fe_deploy}→{}", deployment_of(pods, peer));
-                return Ok(base(hop, peer, phase, msig, cause, Source::SpansAndLab));
-            }
-            let local = attempt
-                .attr_str("network.local.address")
-                .zip(attempt.attr_i64("network.local.port"))
-                .and_then(|(a, p)| format!("{a}:{p}").parse().ok());
-            let a =
-                Attempt { start_ms: attempt_start, end_ms: attempt_end, cause: cause.clone(), local, slack_ms: 5.0 };
-            if let Some((pod, at, note)) = join_by_time(&inner(inp), &a, used) {
-                let (phase, msig) = lab_phase(pods, &pod, at);
-                let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
-                return Ok(base(hop, &pod, format!("{phase}{note}"), msig, cause, Source::SpansAndLab));
-            }
-            return Err(format!("the frontend's attempt failed with {cause} but no backend pod could be matched"));
-        }
-        if let Some(fe) = fe_server {
-            // The frontend failed on its own (e.g. 503 while draining): first hop.
-            let pod = span_pod(fe).unwrap_or_default();
-            let (phase, msig) = span_phase_at(fe, pods, inp.clock);
-            return Ok(base(format!("client→{fe_deploy}"), pod, phase, msig, r.outcome.class(), Source::Spans));
-        }
-        // No spans at all: the lab's proxies alone.
-        let (s, e) = (ms(r.start), ms(end_of_request));
-        let a =
-            Attempt { start_ms: s, end_ms: e, cause: r.error.clone().unwrap_or_default(), local: None, slack_ms: 5.0 };
-        if let Some((pod, at, note)) = join_by_time(&inner(inp), &a, used) {
-            let (phase, msig) = lab_phase(pods, &pod, at);
-            let hop = format!("{fe_deploy}→{}", deployment_of(pods, &pod));
-            let cause = r.error.clone().unwrap_or_else(|| r.outcome.class());
-            return Ok(base(hop, &pod, format!("{phase}{note}"), msig, cause, Source::Lab));
-        }
-        return Err("HTTP error without spans or a matching proxy record".into());
+        explain_frontend_error(&case, used)
+    } else {
+        explain_client_hop(&case, used)
     }
+}
 
-    // 2. The client's own hop broke (refused, reset, closed, timeout, short body).
-    if let Some(fe) = fe_server.filter(|s| span_pod(s).is_some()) {
-        let pod = span_pod(fe).unwrap_or_default();
-        let (phase, msig) = span_phase_at(fe, pods, inp.clock);
-        return Ok(base(format!("client→{fe_deploy}"), pod, phase, msig, r.outcome.class(), Source::Spans));
+/// The frontend answered with an error: look one hop further, at its failed upstream attempt.
+fn explain_frontend_error(c: &Case, used: &mut HashSet<(usize, usize)>) -> Result<Attribution, String> {
+    let (inp, r, pods) = (c.inp, c.r, c.pods);
+    let mut attempts: Vec<&SpanRecord> = c
+        .spans
+        .iter()
+        .copied()
+        .filter(|s| s.kind == KIND_CLIENT && (s.attr_str("error.type").is_some() || s.status_error))
+        .collect();
+    attempts.sort_by_key(|s| s.start_unix_nanos);
+    if let Some(attempt) = attempts.last() {
+        return explain_attempt(c, attempt, used);
     }
-    let conn = r.local.and_then(|l| lookup(&inp.entry.records, l, end_of_request));
+    if let Some(fe) = c.fe_server {
+        // The frontend failed on its own (e.g. 503 while draining): first hop.
+        let (phase, ms_after_sigterm) = span_phase_at(fe, pods, inp.clock);
+        return Ok(c.verdict(Verdict {
+            hop: format!("client→{}", c.fe_deploy),
+            pod: span_pod(fe).unwrap_or_default().to_string(),
+            phase,
+            ms_after_sigterm,
+            cause: r.outcome.class(),
+            source: Source::Spans,
+        }));
+    }
+    // No spans at all: the lab's proxies alone.
+    let cause = r.error.clone().unwrap_or_default();
+    let a = Attempt::new(ms(r.start), ms(c.end_of_request), &cause, None, 5.0);
+    let m = join_by_time(&inner(inp), &a, used).ok_or("HTTP error without spans or a matching proxy record")?;
+    let (phase, ms_after_sigterm) = lab_phase(pods, &m.pod, m.at);
+    Ok(c.verdict(Verdict {
+        hop: c.hop_to(&m.pod),
+        phase: format!("{phase}{}", m.note),
+        pod: m.pod,
+        ms_after_sigterm,
+        cause: r.error.clone().unwrap_or_else(|| r.outcome.class()),
+        source: Source::Lab,
+    }))
+}
+
+/// The frontend's last failed upstream attempt: the backend's span, else the pod the frontend
+/// named, else the inner proxies' records.
+fn explain_attempt(c: &Case, attempt: &SpanRecord, used: &mut HashSet<(usize, usize)>) -> Result<Attribution, String> {
+    let (inp, pods) = (c.inp, c.pods);
+    let cause = attempt.attr_str("error.type").unwrap_or("error").to_string();
+    let attempt_end = inp.clock.unix_nanos_to_ms(attempt.end_unix_nanos);
+    let attempt_start = inp.clock.unix_nanos_to_ms(attempt.start_unix_nanos);
+    let be_server = c.spans.iter().find(|s| s.kind == KIND_SERVER && s.parent_span_id == attempt.span_id);
+    if let Some(be) = be_server.filter(|s| span_pod(s).is_some()) {
+        let pod = span_pod(be).unwrap_or_default().to_string();
+        let (phase, ms_after_sigterm) = span_phase_at(be, pods, inp.clock);
+        return Ok(c.verdict(Verdict {
+            hop: c.hop_to(&pod),
+            pod,
+            phase,
+            ms_after_sigterm,
+            cause,
+            source: Source::Spans,
+        }));
+    }
+    if let Some(peer) = attempt.attr_str("graceful.peer.pod").filter(|p| !p.is_empty()) {
+        let (phase, ms_after_sigterm) = lab_phase(pods, peer, dur_ms(attempt_end));
+        return Ok(c.verdict(Verdict {
+            hop: c.hop_to(peer),
+            pod: peer.to_string(),
+            phase,
+            ms_after_sigterm,
+            cause,
+            source: Source::SpansAndLab,
+        }));
+    }
+    let local = attempt
+        .attr_str("network.local.address")
+        .zip(attempt.attr_i64("network.local.port"))
+        .and_then(|(a, p)| format!("{a}:{p}").parse().ok());
+    let a = Attempt::new(attempt_start, attempt_end, &cause, local, 5.0);
+    let Some(m) = join_by_time(&inner(inp), &a, used) else {
+        return Err(format!("the frontend's attempt failed with {cause} but no backend pod could be matched"));
+    };
+    let (phase, ms_after_sigterm) = lab_phase(pods, &m.pod, m.at);
+    Ok(c.verdict(Verdict {
+        hop: c.hop_to(&m.pod),
+        phase: format!("{phase}{}", m.note),
+        pod: m.pod,
+        ms_after_sigterm,
+        cause,
+        source: Source::SpansAndLab,
+    }))
+}
+
+/// The client's own hop broke (refused, reset, closed, timeout, short body).
+fn explain_client_hop(c: &Case, used: &mut HashSet<(usize, usize)>) -> Result<Attribution, String> {
+    let (inp, r, pods) = (c.inp, c.r, c.pods);
+    if let Some(fe) = c.fe_server.filter(|s| span_pod(s).is_some()) {
+        let (phase, ms_after_sigterm) = span_phase_at(fe, pods, inp.clock);
+        return Ok(c.verdict(Verdict {
+            hop: format!("client→{}", c.fe_deploy),
+            pod: span_pod(fe).unwrap_or_default().to_string(),
+            phase,
+            ms_after_sigterm,
+            cause: r.outcome.class(),
+            source: Source::Spans,
+        }));
+    }
+    let conn = r.local.and_then(|l| lookup(&inp.entry.records, l, c.end_of_request));
+    let lab = |hop: String, pod: String, (phase, ms_after_sigterm): (String, Option<f64>)| {
+        c.verdict(Verdict { hop, pod, phase, ms_after_sigterm, cause: r.outcome.class(), source: Source::Lab })
+    };
     match conn {
-        Some(c) => match &c.pod {
+        Some(conn) => match &conn.pod {
             Some(pod) => {
-                let at = failure_time(&c, end_of_request);
+                let at = failure_time(&conn, c.end_of_request);
                 let (mut phase, msig) = lab_phase(pods, pod, at);
-                if c.outcome == ProxyOutcome::Blackholed {
+                if conn.outcome == ProxyOutcome::Blackholed {
                     phase = format!("{phase} (pod gone: no address)");
                 }
-                Ok(base(
-                    format!("client→{}", deployment_of(pods, pod)),
-                    pod,
-                    phase,
-                    msig,
-                    r.outcome.class(),
-                    Source::Lab,
-                ))
+                Ok(lab(format!("client→{}", deployment_of(pods, pod)), pod.clone(), (phase, msig)))
             }
-            None => Ok(base(
-                format!("client→{fe_deploy}"),
-                "(no endpoint)",
-                "none ready".into(),
-                None,
-                r.outcome.class(),
-                Source::Lab,
-            )),
+            None => Ok(lab(format!("client→{}", c.fe_deploy), "(no endpoint)".into(), ("none ready".into(), None))),
         },
         None if r.local.is_none() && r.outcome != Outcome::Overload => {
             // A client that does not say which socket it used (k6): join by time with what the
             // entry proxy did during the request. Its clock is the log line's, so more slack.
-            let a = Attempt {
-                start_ms: ms(r.start),
-                end_ms: ms(end_of_request),
-                cause: r.error.clone().unwrap_or_else(|| r.outcome.class()),
-                local: None,
-                slack_ms: UNTIMED_CLIENT_SLACK_MS,
-            };
+            let cause = r.error.clone().unwrap_or_else(|| r.outcome.class());
+            let a = Attempt::new(ms(r.start), ms(c.end_of_request), &cause, None, UNTIMED_CLIENT_SLACK_MS);
             let entry = [(ENTRY_PROXY, &inp.entry)];
-            match join_by_time(&entry, &a, used) {
-                Some((pod, at, note)) => {
-                    let (phase, msig) = lab_phase(pods, &pod, at);
-                    Ok(base(
-                        format!("client→{}", deployment_of(pods, &pod)),
-                        &pod,
-                        format!("{phase}{note}"),
-                        msig,
-                        r.outcome.class(),
-                        Source::Lab,
-                    ))
-                }
-                None => Err("no span, and nothing the entry proxy did during the request matches it".into()),
-            }
+            let m = join_by_time(&entry, &a, used)
+                .ok_or("no span, and nothing the entry proxy did during the request matches it")?;
+            let (phase, msig) = lab_phase(pods, &m.pod, m.at);
+            Ok(lab(format!("client→{}", deployment_of(pods, &m.pod)), m.pod, (format!("{phase}{}", m.note), msig)))
         }
         None => Err(match r.outcome {
             Outcome::Overload => "the load generator had too many requests in flight".into(),
@@ -366,7 +421,7 @@ fn join_by_time(
     proxies: &[(usize, &ProxyRecords)],
     attempt: &Attempt,
     used: &mut HashSet<(usize, usize)>,
-) -> Option<(String, Duration, &'static str)> {
+) -> Option<ProxyMatch> {
     let slack = attempt.slack_ms;
     if let Some(local) = attempt.local {
         for &(pi, proxy) in proxies {
@@ -380,11 +435,12 @@ fn join_by_time(
                 let pod = rec.pod.clone()?;
                 used.insert((pi, ri));
                 let end = dur_ms(attempt.end_ms);
-                return Some((pod, failure_time(rec, end), ""));
+                return Some(ProxyMatch { pod, at: failure_time(rec, end), note: "" });
             }
         }
     }
-    let mut best: Option<(f64, usize, usize, String, Duration, &'static str)> = None;
+    // (distance from the attempt's anchor, proxy, record, the match)
+    let mut best: Option<(f64, (usize, usize), ProxyMatch)> = None;
     for &(pi, proxy) in proxies {
         for (ri, rec) in proxy.records.iter().enumerate() {
             if used.contains(&(pi, ri)) {
@@ -398,15 +454,13 @@ fn join_by_time(
             let hold = ms(BLACKHOLE_HOLD);
             let (t, anchor, fits) = match rec.outcome {
                 ProxyOutcome::Refused | ProxyOutcome::NoEndpoints => {
-                    (ms(rec.accepted), attempt.start_ms, duration < hold - 50.0 && !attempt.cause.contains("timeout"))
+                    (ms(rec.accepted), attempt.start_ms, duration < hold - 50.0 && !attempt.cause.timeout)
                 }
                 ProxyOutcome::Blackholed => {
-                    (ms(rec.accepted), attempt.start_ms, duration >= hold - 50.0 || attempt.cause.contains("timeout"))
+                    (ms(rec.accepted), attempt.start_ms, duration >= hold - 50.0 || attempt.cause.timeout)
                 }
                 ProxyOutcome::Spliced => match rec.end {
-                    Some((t, End::PodClosed | End::PodReset)) => {
-                        (ms(t), attempt.end_ms, !attempt.cause.contains("refused"))
-                    }
+                    Some((t, End::PodClosed | End::PodReset)) => (ms(t), attempt.end_ms, !attempt.cause.refused),
                     _ => continue,
                 },
             };
@@ -416,19 +470,20 @@ fn join_by_time(
             let dist = (t - anchor).abs();
             let note = if rec.outcome == ProxyOutcome::Blackholed { " (pod gone: no address)" } else { "" };
             if best.as_ref().is_none_or(|b| dist < b.0) {
-                best = Some((dist, pi, ri, pod.clone(), dur_ms(t), note));
+                best = Some((dist, (pi, ri), ProxyMatch { pod: pod.clone(), at: dur_ms(t), note }));
             }
         }
     }
-    if let Some((_, pi, ri, pod, at, note)) = best {
-        used.insert((pi, ri));
-        return Some((pod, at, note));
+    if let Some((_, record, m)) = best {
+        used.insert(record);
+        return Some(m);
     }
-    if !(attempt.cause.contains("reset") || attempt.cause.contains("closed")) {
+    if !attempt.cause.connection_lost {
         return None;
     }
     // A stale pooled connection: closed by its pod shortly before.
-    let mut stale: Option<(f64, usize, usize, String, Duration)> = None;
+    // (close time in ms, proxy, record, pod, close time)
+    let mut stale: Option<(f64, (usize, usize), &String, Duration)> = None;
     for &(pi, proxy) in proxies {
         for (ri, rec) in proxy.records.iter().enumerate() {
             if used.contains(&(pi, ri)) || rec.outcome != ProxyOutcome::Spliced {
@@ -440,13 +495,13 @@ fn join_by_time(
                 continue;
             }
             if stale.as_ref().is_none_or(|b| t_ms > b.0) {
-                stale = Some((t_ms, pi, ri, pod.clone(), t));
+                stale = Some((t_ms, (pi, ri), pod, t));
             }
         }
     }
-    let (_, pi, ri, pod, at) = stale?;
-    used.insert((pi, ri));
-    Some((pod, at, " (stale pooled connection)"))
+    let (_, record, pod, at) = stale?;
+    used.insert(record);
+    Some(ProxyMatch { pod: pod.clone(), at, note: " (stale pooled connection)" })
 }
 
 /// How far back a pod's close can explain a failure on a reused connection (the upstream
@@ -457,10 +512,43 @@ const STALE_WINDOW_MS: f64 = 15_000.0;
 struct Attempt {
     start_ms: f64,
     end_ms: f64,
-    cause: String,
+    cause: CauseSays,
     local: Option<std::net::SocketAddr>,
     /// How far outside the attempt's window a proxy event may lie and still match it.
     slack_ms: f64,
+}
+
+impl Attempt {
+    fn new(start_ms: f64, end_ms: f64, cause: &str, local: Option<std::net::SocketAddr>, slack_ms: f64) -> Attempt {
+        Attempt { start_ms, end_ms, cause: CauseSays::read(cause), local, slack_ms }
+    }
+}
+
+/// What a failure's cause text (`error.type` from a span, or the client's error) says, read
+/// once so that matching branches on fields, not on substrings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct CauseSays {
+    timeout: bool,
+    refused: bool,
+    /// Reset or closed by the peer.
+    connection_lost: bool,
+}
+
+impl CauseSays {
+    fn read(cause: &str) -> CauseSays {
+        CauseSays {
+            timeout: cause.contains("timeout"),
+            refused: cause.contains("refused"),
+            connection_lost: cause.contains("reset") || cause.contains("closed"),
+        }
+    }
+}
+
+/// The pod a proxy record names for a failure, when it met it, and a note for the phase.
+struct ProxyMatch {
+    pod: String,
+    at: Duration,
+    note: &'static str,
 }
 
 /// Failures grouped for the report: (hop, phase, cause) → count and ms-after-SIGTERM range.

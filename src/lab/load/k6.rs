@@ -15,15 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io::Write;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use super::cluster::Clock;
-use super::load::{LiveStats, Outcome, RequestRecord};
+use crate::lab::api::cluster::Clock;
+use crate::lab::load::generator::{LiveStats, Outcome, RequestRecord};
 
 /// The token k6 prints when the rollout phase begins (loadtest/rolling-update.js).
 pub const ROLLOUT_BANNER: &str = "GRACEFUL-ROLLOUT-PHASE-START";
@@ -126,18 +126,14 @@ const CSV_TIME_FORMAT: (&str, &str) = ("K6_CSV_TIME_FORMAT", "unix_milli");
 /// `outcome=ok` (a sample's time is when its request ended, in Unix ms; its value the latency).
 /// Failed requests come from their `GRACEFUL-FAILED` lines instead, which carry the trace id.
 pub fn ok_records(csv: &str, clock: &Clock, first_id: u64) -> Vec<RequestRecord> {
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    // Rows that do not fit (a sample without a value) are skipped, not fatal: only the timeline
+    // needs them.
+    let samples = reader.deserialize::<Sample>().filter_map(Result::ok);
     let mut out = Vec::new();
-    for line in csv.lines().filter(|l| l.starts_with("latency,")) {
-        let cols: Vec<&str> = line.split(',').collect();
-        let ok = cols.iter().any(|c| c.split('&').any(|t| t == "outcome=ok"));
-        let (Some(end), Some(value)) = (cols.get(1).and_then(|v| v.parse::<f64>().ok()), cols.get(2)) else {
-            continue;
-        };
-        let Ok(latency_ms) = value.parse::<f64>() else { continue };
-        if !ok || latency_ms < 0.0 {
-            continue;
-        }
-        let end_ms = clock.unix_nanos_to_ms((end * 1e6) as u64);
+    for sample in samples.filter(|s| s.metric_name == "latency" && s.tagged_ok() && s.metric_value >= 0.0) {
+        let latency_ms = sample.metric_value;
+        let end_ms = clock.unix_nanos_to_ms((sample.timestamp * 1e6) as u64);
         let start_ms = (end_ms - latency_ms).max(0.0);
         let id = first_id + out.len() as u64;
         let (start, latency) =
@@ -145,6 +141,24 @@ pub fn ok_records(csv: &str, clock: &Clock, first_id: u64) -> Vec<RequestRecord>
         out.push(RequestRecord { status: Some(200), ..RequestRecord::new(id, start, latency, Outcome::Ok) });
     }
     out
+}
+
+/// One row of k6's CSV output (columns by header name; the others are not needed).
+#[derive(Debug, Deserialize)]
+struct Sample {
+    metric_name: String,
+    /// Unix ms (CSV_TIME_FORMAT).
+    timestamp: f64,
+    metric_value: f64,
+    /// The script's own tags, `key=value&key=value`.
+    #[serde(default)]
+    extra_tags: String,
+}
+
+impl Sample {
+    fn tagged_ok(&self) -> bool {
+        self.extra_tags.split('&').any(|t| t == "outcome=ok")
+    }
 }
 
 /// A running `k6 run` (killed on drop).
@@ -191,42 +205,57 @@ pub struct K6Figures {
     pub summary_json: PathBuf,
 }
 
-fn num(v: &Value, ptr: &str) -> f64 {
-    v.pointer(ptr).and_then(Value::as_f64).unwrap_or(0.0)
+/// loadtest/rolling-update.js's JSON digest (`SUMMARY_JSON`); missing fields read as zero.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Digest {
+    pub script: String,
+    pub passed: bool,
+    pub requests: f64,
+    pub errors: f64,
+    pub error_rate: f64,
+    pub outcomes: BTreeMap<String, u64>,
+    pub latency_ms: LatencyDigest,
+    pub retry_count: f64,
+    pub retried_requests_rate: f64,
+    pub dropped_iterations: f64,
+    /// Threshold name → expression → held.
+    pub thresholds: BTreeMap<String, BTreeMap<String, bool>>,
+    pub phases: Value,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LatencyDigest {
+    pub med: f64,
+    pub p99: f64,
+    pub max: f64,
 }
 
 impl K6Figures {
-    pub fn from_digest(d: &Value) -> K6Figures {
-        let outcomes = d
-            .get("outcomes")
-            .and_then(Value::as_object)
-            .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
-            .unwrap_or_default();
-        let mut crossed = Vec::new();
-        if let Some(t) = d.get("thresholds").and_then(Value::as_object) {
-            for (name, exprs) in t {
-                for (expr, held) in exprs.as_object().into_iter().flatten() {
-                    if held.as_bool() == Some(false) {
-                        crossed.push(format!("{name}: {expr}"));
-                    }
-                }
-            }
-        }
+    pub fn from_digest(d: Digest) -> K6Figures {
+        let crossed = d
+            .thresholds
+            .iter()
+            .flat_map(|(name, exprs)| {
+                exprs.iter().filter(|(_, held)| !**held).map(move |(e, _)| format!("{name}: {e}"))
+            })
+            .collect();
         K6Figures {
-            script: d.get("script").and_then(Value::as_str).unwrap_or_default().to_string(),
-            thresholds_passed: d.get("passed").and_then(Value::as_bool).unwrap_or(false),
-            requests: num(d, "/requests") as u64,
-            failed: num(d, "/errors") as u64,
-            error_rate: num(d, "/error_rate"),
-            outcomes,
-            p50_ms: num(d, "/latency_ms/med"),
-            p99_ms: num(d, "/latency_ms/p99"),
-            max_ms: num(d, "/latency_ms/max"),
-            retry_count: num(d, "/retry_count") as u64,
-            retried_requests_rate: num(d, "/retried_requests_rate"),
-            dropped_iterations: num(d, "/dropped_iterations") as u64,
+            script: d.script,
+            thresholds_passed: d.passed,
+            requests: d.requests as u64,
+            failed: d.errors as u64,
+            error_rate: d.error_rate,
+            outcomes: d.outcomes,
+            p50_ms: d.latency_ms.med,
+            p99_ms: d.latency_ms.p99,
+            max_ms: d.latency_ms.max,
+            retry_count: d.retry_count as u64,
+            retried_requests_rate: d.retried_requests_rate,
+            dropped_iterations: d.dropped_iterations as u64,
             thresholds_crossed: crossed,
-            phases: d.get("phases").cloned().unwrap_or(Value::Null),
+            phases: d.phases,
             ..Default::default()
         }
     }
@@ -331,7 +360,7 @@ impl K6Run {
         let _ = std::fs::remove_file(cfg.summary_path());
         let _ = std::fs::remove_file(cfg.samples_path());
         let mut command = Command::new(&cfg.bin);
-        super::run_group::join(&mut command);
+        crate::lab::node::run_group::join(&mut command);
         let mut child = command
             .args(&args)
             .env(CSV_TIME_FORMAT.0, CSV_TIME_FORMAT.1)
@@ -438,8 +467,8 @@ impl K6Run {
                 self.tail()
             )
         })?;
-        let digest: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let mut fig = K6Figures::from_digest(&digest);
+        let digest: Digest = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut fig = K6Figures::from_digest(digest);
         fig.exit_code = status.code();
         fig.command = self.cfg.command_line();
         fig.summary_json = path;
@@ -460,7 +489,7 @@ impl K6Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::cluster::ms;
+    use crate::lab::api::cluster::ms;
 
     #[test]
     fn parses_failure_lines() {
@@ -514,7 +543,7 @@ mod tests {
             "latency_ms": {"med": 5.0, "p99": 3000.0, "max": 3010.0},
             "thresholds": {"error_rate": {"rate==0": false}, "latency": {"p(99)<1500": true}},
         });
-        let f = K6Figures::from_digest(&d);
+        let f = K6Figures::from_digest(serde_json::from_value(d).unwrap());
         assert_eq!((f.requests, f.failed, f.retry_count), (100, 3, 4));
         assert_eq!(f.outcomes["status_502"], 2);
         assert_eq!(f.thresholds_crossed, vec!["error_rate: rate==0".to_string()]);

@@ -8,11 +8,11 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Table};
 use serde::Serialize;
 
-use super::attribution::{self, Group};
-use super::cluster::{ms, ser_ms, Event, Pod};
-use super::deployment::RolloutStats;
-use super::k6::K6Figures;
-use super::load::{Outcome, RequestRecord};
+use crate::lab::api::cluster::{ms, ser_ms, Event, Pod};
+use crate::lab::control_plane::deployment::RolloutStats;
+use crate::lab::load::generator::{Outcome, RequestRecord};
+use crate::lab::load::k6::K6Figures;
+use crate::lab::report::attribution::{self, Group};
 
 /// One rollout window (all deployments restarted together, or one after the other).
 #[derive(Debug, Clone, Serialize)]
