@@ -27,9 +27,15 @@ pub async fn trim_after_floods(open: &AtomicUsize, peak: &AtomicUsize) {
 }
 
 /// Returns free heap pages to the kernel now.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn trim() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
     }
 }
+
+/// musl (the container image's static build) has no `malloc_trim`; its allocator unmaps large
+/// freed regions by itself.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn trim() {}
