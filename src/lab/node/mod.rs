@@ -3,3 +3,4 @@
 pub mod kubelet;
 pub mod pod_spec;
 pub mod prober;
+pub mod runtime;
