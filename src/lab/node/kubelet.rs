@@ -6,24 +6,21 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::ConfigMap;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
-
 use crate::lab::api::cluster::{Cluster, EventKind, Pod};
-use crate::lab::api::signal;
-use crate::lab::node::pod_spec::{self, ContainerPlan, PodContext, ProbePlan, ServiceDns};
+use crate::lab::network::dns::ServiceDns;
+use crate::lab::node::pod_spec::{self, ContainerPlan, PodContext, ProbePlan};
 use crate::lab::node::prober::{self, Thresholds};
+use crate::lab::node::runtime::{describe_exit, send_signal, spawn};
 
 /// The kubelet's extension when preStop used up the grace period.
 const PRESTOP_OVERRUN_EXTENSION: Duration = Duration::from_secs(2);
@@ -140,49 +137,6 @@ impl Deletion {
                 return std::future::pending().await;
             }
         }
-    }
-}
-
-fn spawn(plan: &ContainerPlan, log: &std::path::Path) -> std::io::Result<Child> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let err = out.try_clone()?;
-    let mut cmd = Command::new(&plan.program);
-    cmd.args(&plan.args)
-        .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .kill_on_drop(true);
-    if let Some(dir) = &plan.cwd {
-        cmd.current_dir(dir);
-    }
-    crate::lab::node::run_group::join(&mut cmd);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child if the lab dies,
-    // so no pod outlives a crashed lab.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            Ok(())
-        });
-    }
-    cmd.spawn()
-}
-
-fn send_signal(child: &Child, sig: Signal) {
-    // `id()` is None once reaped, so the pid is still our own child's.
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
-    }
-}
-
-fn describe_exit(s: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(sig)) => format!("killed by {}", signal::describe(sig)),
-        _ => "exited".into(),
     }
 }
 
@@ -501,6 +455,7 @@ mod tests {
     use crate::lab::network::ipam::{Mode, Net};
     use crate::lab::node::pod_spec::Handler;
     use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use nix::sys::signal::Signal;
 
     fn plan(script: &str, grace_ms: u64) -> ContainerPlan {
         ContainerPlan {

@@ -5,3 +5,4 @@ pub mod kubelet;
 pub mod pod_spec;
 pub mod prober;
 pub mod run_group;
+pub mod runtime;

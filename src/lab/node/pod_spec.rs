@@ -21,6 +21,7 @@ use nix::sys::signal::Signal;
 
 use crate::lab::api::cluster::named_ports;
 use crate::lab::api::manifest::is_graceful_binary;
+use crate::lab::network::dns::ServiceDns;
 use crate::lab::network::ipam::PodNet;
 
 /// What a probe or hook does, resolved to this machine's addresses.
@@ -78,32 +79,6 @@ pub struct PodContext<'a> {
     pub services: &'a [ServiceDns],
     /// OTLP/HTTP base URL of the lab's receiver.
     pub otlp_endpoint: Option<&'a str>,
-}
-
-/// One Service port as DNS + kube-proxy present it to pods.
-#[derive(Debug, Clone)]
-pub struct ServiceDns {
-    pub name: String,
-    pub namespace: String,
-    pub port: u16,
-    pub port_name: Option<String>,
-    /// Where the lab's proxy for that port listens.
-    pub proxy: SocketAddr,
-}
-
-impl ServiceDns {
-    /// The names a pod in `ns` can use: the short one only from the same namespace.
-    pub fn names_from(&self, ns: &str) -> Vec<String> {
-        let mut v = vec![
-            format!("{}.{}", self.name, self.namespace),
-            format!("{}.{}.svc", self.name, self.namespace),
-            format!("{}.{}.svc.cluster.local", self.name, self.namespace),
-        ];
-        if ns == self.namespace {
-            v.insert(0, self.name.clone());
-        }
-        v
-    }
 }
 
 /// Each role's listener config keys and the container ports they default to.
