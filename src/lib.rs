@@ -3,6 +3,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod frontend;
+pub mod gauge;
 pub mod identity;
 pub mod lab;
 pub mod lifecycle;

@@ -5,12 +5,14 @@
 //! that already held the pod in lame-duck mode does not make it wait twice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
+
+use crate::gauge::Gauge;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,7 +74,7 @@ pub struct Lifecycle {
     started: Instant,
     drain_started: Mutex<Option<Instant>>,
     signalled: Mutex<Option<Instant>>,
-    in_flight: AtomicUsize,
+    in_flight: Gauge,
     next_request: AtomicU64,
     /// In-flight requests, so an exit that drops them can mark their spans and name them.
     requests: Mutex<HashMap<u64, Request>>,
@@ -92,7 +94,7 @@ impl Lifecycle {
             started: Instant::now(),
             drain_started: Mutex::new(None),
             signalled: Mutex::new(None),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Gauge::default(),
             next_request: AtomicU64::new(0),
             requests: Mutex::new(HashMap::new()),
             changes: watch::channel(Phase::Starting).0,
@@ -172,12 +174,12 @@ impl Lifecycle {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.in_flight.get()
     }
 
     /// Counts a request in flight until the guard drops (also when its future is dropped).
     pub fn track(&self, span: Option<tracing::Span>, what: String) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.inc();
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.requests.lock().unwrap().insert(id, Request { span, what });
         InFlight { lifecycle: self, id }
@@ -208,14 +210,7 @@ impl Lifecycle {
 
     /// Waits until no request is in flight, or `bound` passes; returns how many are left.
     pub async fn wait_idle(&self, bound: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + bound;
-        loop {
-            let n = self.in_flight();
-            if n == 0 || tokio::time::Instant::now() >= deadline {
-                return n;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.in_flight.wait_zero(bound).await
     }
 }
 
@@ -227,7 +222,7 @@ pub struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.lifecycle.requests.lock().unwrap().remove(&self.id);
-        self.lifecycle.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.lifecycle.in_flight.dec();
     }
 }
 

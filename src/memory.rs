@@ -9,16 +9,18 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::gauge::Gauge;
+
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// A fall of this many open connections from the peak since the last trim triggers one.
 const FALL: usize = 256;
 
 /// Runs for the life of the server; cheap when nothing changed (two atomic loads every 2 s).
 /// `peak` is the high-water mark of `open`, kept by whoever opens connections.
-pub async fn trim_after_floods(open: &AtomicUsize, peak: &AtomicUsize) {
+pub async fn trim_after_floods(open: &Gauge, peak: &AtomicUsize) {
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let now = open.load(Ordering::Relaxed);
+        let now = open.get();
         if peak.load(Ordering::Relaxed) >= now + FALL {
             trim();
             peak.store(now, Ordering::Relaxed);

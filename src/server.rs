@@ -20,6 +20,7 @@ use tracing_actix_web::{RootSpan, TracingLogger};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
+use crate::gauge::Gauge;
 use crate::identity::Identity;
 use crate::lifecycle::{DrainTrigger, Lifecycle, Phase};
 use crate::listener::{self, Markers, PublicListener};
@@ -45,7 +46,7 @@ pub struct Ctx {
     pub lifecycle: Lifecycle,
     pub metrics: Metrics,
     /// Open connections on the public listener (idle keep-alive ones included).
-    connections: Arc<AtomicUsize>,
+    connections: Arc<Gauge>,
     /// High-water mark of `connections` since the last heap trim (see `memory`).
     connections_peak: Arc<AtomicUsize>,
     /// Accepted public connections whose first request has not started yet.
@@ -124,14 +125,14 @@ impl Ctx {
 /// Counts a connection for as long as actix keeps its extensions (the connection's life), and
 /// whether it has started a request yet (the listener's close waits for those that have not).
 struct ConnectionGuard {
-    open: Arc<AtomicUsize>,
+    open: Arc<Gauge>,
     unread: Arc<AtomicUsize>,
     started: AtomicBool,
 }
 
 impl ConnectionGuard {
-    fn open(open: &Arc<AtomicUsize>, peak: &AtomicUsize, unread: &Arc<AtomicUsize>) -> Self {
-        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+    fn open(open: &Arc<Gauge>, peak: &AtomicUsize, unread: &Arc<AtomicUsize>) -> Self {
+        let now = open.inc();
         peak.fetch_max(now, Ordering::Relaxed);
         unread.fetch_add(1, Ordering::SeqCst);
         ConnectionGuard { open: open.clone(), unread: unread.clone(), started: AtomicBool::new(false) }
@@ -147,7 +148,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.request_started();
-        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.open.dec();
     }
 }
 
@@ -432,7 +433,7 @@ where
     ctx.event("listener_closed", Some(ctx.lifecycle.in_flight()));
     // Our own count, not actix's stop future: actix re-checks open connections only once a second.
     let left_open = tokio::select! {
-        left = wait_for_zero(&ctx.connections, deadline.saturating_duration_since(tokio::time::Instant::now())) => left,
+        left = ctx.connections.wait_zero(deadline.saturating_duration_since(tokio::time::Instant::now())) => left,
         second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
     };
     // What was still running at the deadline, counted before the forced close ends it.
@@ -521,7 +522,7 @@ async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> 
     drop(dropped);
     let stop = handle.clone();
     actix_web::rt::spawn(async move { stop.stop(false).await });
-    wait_for_zero(&ctx.connections, Duration::from_millis(200)).await;
+    ctx.connections.wait_zero(Duration::from_millis(200)).await;
     what.len()
 }
 
@@ -550,19 +551,8 @@ async fn naive_exit(ctx: &Ctx, public: &ServerHandle, admin: &ServerHandle, code
     let (p, a) = (public.clone(), admin.clone());
     actix_web::rt::spawn(async move { p.stop(false).await });
     actix_web::rt::spawn(async move { a.stop(false).await });
-    wait_for_zero(&ctx.connections, Duration::from_millis(200)).await;
+    ctx.connections.wait_zero(Duration::from_millis(200)).await;
     ctx.lifecycle.wait_idle(Duration::from_millis(100)).await;
     ctx.event("exit", Some(ctx.lifecycle.in_flight()));
     ExitCode::from(code)
-}
-
-async fn wait_for_zero(counter: &AtomicUsize, bound: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        let n = counter.load(Ordering::SeqCst);
-        if n == 0 || tokio::time::Instant::now() >= deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
