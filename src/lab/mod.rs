@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod control_plane;
+pub mod kernel_node;
 pub mod load;
 pub mod network;
 pub mod node;
