@@ -30,13 +30,17 @@ impl Netns {
             .with_context(|| format!("network namespace `{}` ({})", self.name, self.path().display()))
     }
 
-    /// `cmd`, started inside this namespace. The namespace file is held open by the command
-    /// until it is spawned (then dropped with it).
+    /// `cmd`, started inside this namespace, killed when the thread that spawns it ends (so a
+    /// lab killed outright takes its pods along). The namespace file is held open by the
+    /// command until it is spawned (then dropped with it).
     pub fn command(&self, mut cmd: Command) -> Result<Command> {
         let file = self.open()?;
-        // SAFETY: setns on an fd opened before fork: one system call, no allocation.
+        // SAFETY: prctl and setns on an fd opened before fork: system calls, no allocation.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let fd = BorrowedFd::borrow_raw(file.as_raw_fd());
                 setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
