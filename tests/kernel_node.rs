@@ -9,6 +9,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,11 @@ const WORLD_BOUND: Duration = Duration::from_secs(90);
 /// Runs `body` inside a fresh private world (re-running this test binary there), checking the
 /// host is unchanged afterwards.
 fn in_private_world(name: &str, body: impl FnOnce()) {
+    in_private_world_as(name, None, body)
+}
+
+/// Same, the world started by user `uid` when given (then it adds a user namespace).
+fn in_private_world_as(name: &str, uid: Option<u32>, body: impl FnOnce()) {
     if std::env::var(INNER).as_deref() == Ok(name) {
         body();
         return;
@@ -38,8 +44,11 @@ fn in_private_world(name: &str, body: impl FnOnce()) {
         return;
     }
     let before = HostSnapshot::take();
-    let child =
-        world_command(name).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn the inner test");
+    let child = world_command_as(name, uid)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the inner test");
     let (status, out, err) = common::wait_bounded(child, WORLD_BOUND);
     println!("{out}\n{err}");
     assert!(status.success(), "inner half of {name} failed ({status}):\n{out}\n{err}");
@@ -48,8 +57,15 @@ fn in_private_world(name: &str, body: impl FnOnce()) {
 }
 
 fn world_command(name: &str) -> Command {
+    world_command_as(name, None)
+}
+
+fn world_command_as(name: &str, uid: Option<u32>) -> Command {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
     cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(INNER, name);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
     private_world::command_in_new_world(cmd)
 }
 
@@ -188,6 +204,32 @@ fn connections_through_the_cluster_ip_spread_over_endpoints() {
             .unwrap();
         assert!(answers.contains(&pods[0].name), "no hairpin answer: {answers:?}");
         assert_eq!(answers.len(), 3, "{answers:?}");
+    });
+}
+
+/// An unprivileged user gets a user namespace in which it is root: the same node works there.
+#[test]
+fn the_node_works_rootless_in_a_user_namespace() {
+    const NAME: &str = "the_node_works_rootless_in_a_user_namespace";
+    const NOBODY: u32 = 65534;
+    if std::env::var(INNER).as_deref() != Ok(NAME) && skip_reason().is_none() {
+        let mut probe = Command::new("ip");
+        probe.arg("-V").uid(NOBODY).gid(NOBODY).stdout(Stdio::null());
+        let status = private_world::command_in_new_world(probe).status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no private world for an unprivileged user here ({status:?})");
+            return;
+        }
+    }
+    in_private_world_as(NAME, Some(NOBODY), || {
+        let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap();
+        let fields: Vec<&str> = uid_map.split_whitespace().collect();
+        assert_eq!(fields, ["0", "65534", "1"], "not in a user namespace mapping nobody to root");
+        let mut node = Node::create().expect("node");
+        let pods: Vec<Pod> = (0..2).map(|_| start_pod(&mut node)).collect();
+        node.apply_services(&[web(ready(&[&pods[0], &pods[1]]))]).expect("apply");
+        let seen = count_by_pod(&node, addr(NODE_IP, NODE_PORT), 40);
+        assert_eq!(seen.len(), 2, "{seen:?}");
     });
 }
 

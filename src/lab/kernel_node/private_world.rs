@@ -4,7 +4,6 @@
 //! their last process, and the child gets SIGKILL when the thread that started it ends
 //! (PR_SET_PDEATHSIG), so a SIGKILLed parent takes the world with it.
 
-use std::ffi::CString;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -35,18 +34,14 @@ impl Isolation {
     }
 }
 
-/// Turns `cmd` into a command that starts inside a new private world.
+/// Turns `cmd` into a command that starts inside a new private world. Whether a user namespace
+/// is needed is decided in the child, after any `Command::uid` has taken effect.
 pub fn command_in_new_world(mut cmd: Command) -> Command {
-    let isolation = Isolation::for_this_process();
-    // Everything the child writes is prepared before fork: between fork and exec only
-    // async-signal-safe calls are allowed (no allocation).
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let maps = IdMaps::new(uid, gid);
     let run_netns_exists = Path::new("/run/netns").is_dir();
-    // SAFETY: the closure only makes system calls with data prepared above.
+    // SAFETY: the closure only makes system calls, on data prepared before fork or on the
+    // stack: between fork and exec only async-signal-safe calls are allowed (no allocation).
     unsafe {
-        cmd.pre_exec(move || enter(isolation, &maps, run_netns_exists));
+        cmd.pre_exec(move || enter(run_netns_exists));
     }
     cmd
 }
@@ -61,32 +56,59 @@ pub fn probe() -> Result<Isolation> {
     Ok(Isolation::for_this_process())
 }
 
-/// The contents of /proc/self/{setgroups,uid_map,gid_map} for a user namespace.
-struct IdMaps {
-    uid_map: CString,
-    gid_map: CString,
+/// One line of /proc/self/uid_map or gid_map, "0 <id> 1" (the caller is root inside),
+/// formatted on the stack.
+struct IdMapLine {
+    buf: [u8; 24],
+    len: usize,
 }
 
-impl IdMaps {
-    fn new(uid: u32, gid: u32) -> IdMaps {
-        IdMaps {
-            uid_map: CString::new(format!("0 {uid} 1")).expect("no NUL"),
-            gid_map: CString::new(format!("0 {gid} 1")).expect("no NUL"),
+impl IdMapLine {
+    fn new(id: u32) -> IdMapLine {
+        let mut digits = [0u8; 10];
+        let mut n = id;
+        let mut count = 0;
+        loop {
+            digits[count] = b'0' + (n % 10) as u8;
+            count += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
         }
+        let mut buf = [0u8; 24];
+        buf[..2].copy_from_slice(b"0 ");
+        for i in 0..count {
+            buf[2 + i] = digits[count - 1 - i];
+        }
+        buf[2 + count..4 + count].copy_from_slice(b" 1");
+        IdMapLine { buf, len: 4 + count }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
 /// Runs in the child between fork and exec.
-fn enter(isolation: Isolation, maps: &IdMaps, run_netns_exists: bool) -> io::Result<()> {
+fn enter(run_netns_exists: bool) -> io::Result<()> {
     // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if isolation == Isolation::UserNamespace {
+    if Isolation::for_this_process() == Isolation::UserNamespace {
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        // A uid change just before (Command::uid) leaves the process undumpable, which makes
+        // its /proc/self files root's: writing the maps would be refused.
+        // SAFETY: prctl with PR_SET_DUMPABLE and a flag.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         unshare(CloneFlags::CLONE_NEWUSER).map_err(io::Error::from)?;
-        write_proc(c"/proc/self/setgroups", c"deny")?;
-        write_proc(c"/proc/self/uid_map", &maps.uid_map)?;
-        write_proc(c"/proc/self/gid_map", &maps.gid_map)?;
+        write_proc(c"/proc/self/setgroups", b"deny")?;
+        write_proc(c"/proc/self/uid_map", IdMapLine::new(uid).as_bytes())?;
+        write_proc(c"/proc/self/gid_map", IdMapLine::new(gid).as_bytes())?;
     }
     unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
     // Mount events must not travel back to the host's namespace.
@@ -106,14 +128,13 @@ fn enter(isolation: Isolation, maps: &IdMaps, run_netns_exists: bool) -> io::Res
     Ok(())
 }
 
-fn write_proc(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
+fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
     // SAFETY: open/write/close on valid C strings; no allocation.
     unsafe {
         let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let bytes = data.to_bytes();
         let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
         let err = io::Error::last_os_error();
         libc::close(fd);
@@ -129,9 +150,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn id_maps_map_the_caller_to_root() {
-        let m = IdMaps::new(1000, 100);
-        assert_eq!(m.uid_map.to_str().unwrap(), "0 1000 1");
-        assert_eq!(m.gid_map.to_str().unwrap(), "0 100 1");
+    fn id_map_lines_map_the_caller_to_root() {
+        for id in [0, 7, 1000, 65534, u32::MAX] {
+            assert_eq!(IdMapLine::new(id).as_bytes(), format!("0 {id} 1").as_bytes());
+        }
     }
 }
