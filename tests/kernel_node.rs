@@ -318,6 +318,53 @@ fn a_torn_down_sandbox_with_a_cached_neighbour_is_a_blackhole() {
     });
 }
 
+/// kube-proxy replaces the whole table at every change; the replace is atomic, so new
+/// connections racing it never fall through a gap.
+#[test]
+fn whole_table_replaces_under_load_lose_no_connection() {
+    in_private_world("whole_table_replaces_under_load_lose_no_connection", || {
+        let mut node = Node::create().expect("node");
+        let pods: Vec<Pod> = (0..2).map(|_| start_pod(&mut node)).collect();
+        let both = web(ready(&[&pods[0], &pods[1]]));
+        let one = web(ready(&[&pods[0]]));
+        node.apply_services(std::slice::from_ref(&both)).expect("apply");
+        const CONNECTIONS: usize = 1500;
+        let client = node.client.clone();
+        let load = std::thread::spawn(move || {
+            client
+                .run(|| {
+                    let mut failures = Vec::new();
+                    for _ in 0..CONNECTIONS {
+                        let result = common::connect(addr(CLUSTER_IP, 80))
+                            .and_then(|mut s| common::request(&mut s, "GET", "/ping", ""));
+                        match result {
+                            Ok(r) if r.status == 200 => {}
+                            Ok(r) => failures.push(format!("HTTP {}", r.status)),
+                            Err(e) => failures.push(e.to_string()),
+                        }
+                    }
+                    failures
+                })
+                .expect("enter the client namespace")
+        });
+        let mut took = Vec::new();
+        while !load.is_finished() && took.len() < 200 {
+            let services = if took.len() % 2 == 0 { &one } else { &both };
+            took.push(node.apply_services(std::slice::from_ref(services)).expect("apply"));
+        }
+        let failures = load.join().expect("load thread");
+        let max = took.iter().max().copied().unwrap_or_default();
+        let mean = took.iter().sum::<Duration>() / took.len().max(1) as u32;
+        println!(
+            "{} whole-table replaces under {CONNECTIONS} new connections: {} failed; nft mean {mean:?}, max {max:?}",
+            took.len(),
+            failures.len()
+        );
+        assert!(took.len() >= 5, "too few replaces ({}) to mean anything", took.len());
+        assert!(failures.is_empty(), "{failures:?}");
+    });
+}
+
 #[test]
 fn sandboxes_can_be_recreated_at_once_after_teardown() {
     in_private_world("sandboxes_can_be_recreated_at_once_after_teardown", || {
@@ -344,11 +391,14 @@ fn kernel_datapath_versus_direct_figure() {
             assert_eq!(count_by_pod(&node, to, N).get(&pod.name), Some(&N));
             started.elapsed()
         };
-        let _warm = time(addr(pod.sandbox.ip, POD_PORT));
-        let direct = time(addr(pod.sandbox.ip, POD_PORT));
-        let cluster_ip = time(addr(CLUSTER_IP, 80));
+        // Alternating rounds, best of each: the machine is shared, the order should not matter.
+        let (mut direct, mut cluster_ip) = (Duration::MAX, Duration::MAX);
+        for _ in 0..3 {
+            direct = direct.min(time(addr(pod.sandbox.ip, POD_PORT)));
+            cluster_ip = cluster_ip.min(time(addr(CLUSTER_IP, 80)));
+        }
         println!(
-            "kernel datapath vs direct, {N} new connections each: direct {direct:?}, via ClusterIP {cluster_ip:?}, ratio {:.2}",
+            "kernel datapath vs direct, {N} new connections each (best of 3): direct {direct:?}, via ClusterIP {cluster_ip:?}, ratio {:.2}",
             cluster_ip.as_secs_f64() / direct.as_secs_f64()
         );
     });
