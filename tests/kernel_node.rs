@@ -133,13 +133,12 @@ fn web(endpoints: Vec<Endpoint>) -> Service {
     Service {
         name: "web".into(),
         cluster_ip: CLUSTER_IP,
-        ports: vec![ServicePort { name: "http".into(), port: 80, target_port: POD_PORT, node_port: Some(NODE_PORT) }],
-        endpoints,
+        ports: vec![ServicePort { name: "http".into(), port: 80, node_port: Some(NODE_PORT), endpoints }],
     }
 }
 
 fn ready(pods: &[&Pod]) -> Vec<Endpoint> {
-    pods.iter().map(|p| Endpoint::ready(p.sandbox.ip)).collect()
+    pods.iter().map(|p| Endpoint::ready(p.sandbox.ip, POD_PORT)).collect()
 }
 
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -244,7 +243,8 @@ fn a_removed_endpoint_keeps_its_connection_and_gets_no_new_ones() {
         let first = ping(&mut kept);
         let (gone, stays) = if first == pods[0].name { (&pods[0], &pods[1]) } else { (&pods[1], &pods[0]) };
         // The endpoint leaves as a terminating one: ready false, still serving.
-        let endpoints = vec![Endpoint::ready(stays.sandbox.ip), Endpoint::serving_terminating(gone.sandbox.ip)];
+        let endpoints =
+            vec![Endpoint::ready(stays.sandbox.ip, POD_PORT), Endpoint::serving_terminating(gone.sandbox.ip, POD_PORT)];
         node.apply_services(&[web(endpoints)]).expect("apply");
 
         for _ in 0..5 {
@@ -255,7 +255,7 @@ fn a_removed_endpoint_keeps_its_connection_and_gets_no_new_ones() {
         assert_eq!(seen.get(&stays.name), Some(&60));
 
         // With no ready endpoint left, the terminating-but-serving one is used again.
-        node.apply_services(&[web(vec![Endpoint::serving_terminating(gone.sandbox.ip)])]).expect("apply");
+        node.apply_services(&[web(vec![Endpoint::serving_terminating(gone.sandbox.ip, POD_PORT)])]).expect("apply");
         assert_eq!(count_by_pod(&node, addr(CLUSTER_IP, 80), 10).get(&gone.name), Some(&10));
     });
 }

@@ -7,6 +7,7 @@
 //! per lab. nftables rules are generated from a typed table and applied with one `nft -f -`.
 //! `graceful lab --node kernel` is not wired to this yet.
 
+pub mod from_lab;
 pub mod netns;
 pub mod nft_ruleset;
 pub mod node;

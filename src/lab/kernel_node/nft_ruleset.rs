@@ -155,8 +155,8 @@ impl Table {
         ];
         let [service_ips, node_ports, no_ep_services, no_ep_node_ports] = &mut maps;
         for svc in services {
-            let usable = svc.usable_endpoints();
             for port in &svc.ports {
+                let usable = port.usable_endpoints();
                 let cluster_key = MapKey::ClusterIp(svc.cluster_ip, port.port);
                 if usable.is_empty() {
                     no_ep_services.elements.push((cluster_key, fixed(REJECT)));
@@ -167,12 +167,12 @@ impl Table {
                 }
                 let service_chain = ChainName::service(&svc.name, &port.name);
                 let mut targets = Vec::new();
-                for &ip in &usable {
-                    let name = ChainName::endpoint(&svc.name, &port.name, ip, port.target_port);
+                for ep in &usable {
+                    let name = ChainName::endpoint(&svc.name, &port.name, ep.ip, ep.port);
                     chains.push(Chain {
                         name: name.clone(),
                         hook: None,
-                        rules: vec![Rule::HairpinFrom(ip), Rule::Dnat(ip, port.target_port)],
+                        rules: vec![Rule::HairpinFrom(ep.ip), Rule::Dnat(ep.ip, ep.port)],
                     });
                     targets.push(name);
                 }
@@ -325,14 +325,13 @@ mod tests {
         Service {
             name: "web".into(),
             cluster_ip: VIP,
-            ports: vec![ServicePort { name: "http".into(), port: 80, target_port: 5000, node_port }],
-            endpoints,
+            ports: vec![ServicePort { name: "http".into(), port: 80, node_port, endpoints }],
         }
     }
 
     #[test]
     fn a_service_spreads_over_its_ready_endpoints_which_dnat() {
-        let t = Table::for_services(&[web(vec![Endpoint::ready(A), Endpoint::ready(B)], None)]);
+        let t = Table::for_services(&[web(vec![Endpoint::ready(A, 5000), Endpoint::ready(B, 5000)], None)]);
         let svc = ChainName::service("web", "http");
         assert_eq!(t.map(MapName::ServiceIps).elements, vec![(MapKey::ClusterIp(VIP, 80), svc.clone())]);
         let ea = ChainName::endpoint("web", "http", A, 5000);
@@ -344,9 +343,10 @@ mod tests {
 
     #[test]
     fn terminating_endpoints_only_when_no_ready_one() {
-        let t = Table::for_services(&[web(vec![Endpoint::ready(A), Endpoint::serving_terminating(B)], None)]);
+        let t =
+            Table::for_services(&[web(vec![Endpoint::ready(A, 5000), Endpoint::serving_terminating(B, 5000)], None)]);
         assert!(t.chain(ChainName::endpoint("web", "http", B, 5000).as_str()).is_none());
-        let t = Table::for_services(&[web(vec![Endpoint::serving_terminating(B)], None)]);
+        let t = Table::for_services(&[web(vec![Endpoint::serving_terminating(B, 5000)], None)]);
         let svc = t.chain("service-web-http").unwrap();
         assert_eq!(svc.rules, vec![Rule::Spread(vec![ChainName::endpoint("web", "http", B, 5000)])]);
     }
@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn node_port_is_masqueraded_then_joins_the_service_chain() {
-        let t = Table::for_services(&[web(vec![Endpoint::ready(A)], Some(30080))]);
+        let t = Table::for_services(&[web(vec![Endpoint::ready(A, 5000)], Some(30080))]);
         let ext = ChainName::external("web", "http");
         assert_eq!(t.map(MapName::ServiceNodePorts).elements, vec![(MapKey::NodePort(30080), ext.clone())]);
         assert_eq!(
@@ -377,8 +377,16 @@ mod tests {
     }
 
     #[test]
+    fn each_endpoint_dnats_to_its_own_port() {
+        let t = Table::for_services(&[web(vec![Endpoint::ready(A, 5000), Endpoint::ready(B, 8080)], None)]);
+        let eb = t.chain(ChainName::endpoint("web", "http", B, 8080).as_str()).unwrap();
+        assert_eq!(eb.rules[1], Rule::Dnat(B, 8080));
+    }
+
+    #[test]
     fn renders_one_transaction_that_replaces_the_table() {
-        let text = Table::for_services(&[web(vec![Endpoint::ready(A), Endpoint::ready(B)], Some(30080))]).transaction();
+        let text = Table::for_services(&[web(vec![Endpoint::ready(A, 5000), Endpoint::ready(B, 5000)], Some(30080))])
+            .transaction();
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
         assert_eq!(lines[..3], ["add table ip kube-proxy", "delete table ip kube-proxy", "table ip kube-proxy {"]);
         for expected in [
