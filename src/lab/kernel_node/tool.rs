@@ -25,9 +25,12 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{shown}`"))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).with_context(|| format!("writing to `{shown}`"))?;
-    }
+    // A tool that stops reading (it failed early) is reported by its exit status and stderr,
+    // which say more than the broken pipe.
+    let fed = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => pipe.write_all(text.as_bytes()),
+        _ => Ok(()),
+    };
     // Read both pipes on threads so a chatty tool never blocks on a full pipe.
     let out = child.stdout.take().map(read_on_thread);
     let err = child.stderr.take().map(read_on_thread);
@@ -48,6 +51,7 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
     if !status.success() {
         bail!("`{shown}` failed ({status}): {}", stderr.trim());
     }
+    fed.with_context(|| format!("writing to `{shown}`"))?;
     Ok(Output { stdout, stderr })
 }
 
@@ -83,6 +87,14 @@ mod tests {
     fn stdin_reaches_the_tool() {
         let out = run(Command::new("cat"), Some("hello")).unwrap();
         assert_eq!(out.stdout, "hello");
+    }
+
+    #[test]
+    fn a_tool_that_stops_reading_is_reported_by_its_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo refused >&2; exit 1"]);
+        let e = run(cmd, Some(&"x".repeat(1 << 20))).unwrap_err().to_string();
+        assert!(e.contains("refused"), "{e}");
     }
 
     #[test]
