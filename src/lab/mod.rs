@@ -12,6 +12,7 @@ pub mod api;
 pub mod cli;
 pub mod control_plane;
 pub mod expect;
+pub mod kernel_node;
 pub mod load;
 pub mod network;
 pub mod node;

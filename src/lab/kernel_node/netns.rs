@@ -1,0 +1,71 @@
+//! Named network namespaces (as `ip netns` keeps them under /run/netns): enter one for a child
+//! process, for a closure on its own thread, or to write a per-namespace sysctl.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{anyhow, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// A named network namespace, by name only: it is opened when entered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: impl Into<String>) -> Netns {
+        Netns { name: name.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    fn open(&self) -> Result<File> {
+        File::open(self.path())
+            .with_context(|| format!("network namespace `{}` ({})", self.name, self.path().display()))
+    }
+
+    /// `cmd`, started inside this namespace, killed when the thread that spawns it ends (so a
+    /// lab killed outright takes its pods along). The namespace file is held open by the
+    /// command until it is spawned (then dropped with it).
+    pub fn command(&self, mut cmd: Command) -> Result<Command> {
+        let file = self.open()?;
+        // SAFETY: prctl and setns on an fd opened before fork: system calls, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = BorrowedFd::borrow_raw(file.as_raw_fd());
+                setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace: sockets it creates belong
+    /// to the namespace for their whole life, whichever thread uses them later.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = self.open()?;
+        let name = self.name.clone();
+        std::thread::spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering network namespace `{name}`"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow!("a thread in network namespace `{}` panicked", self.name))?
+    }
+
+    /// Writes a per-namespace sysctl such as `net/ipv4/ip_forward` (files under /proc/sys/net
+    /// show the namespace of the thread that opens them).
+    pub fn set_sysctl(&self, key: &'static str, value: &'static str) -> Result<()> {
+        let ns = self.name.clone();
+        self.run(move || std::fs::write(format!("/proc/sys/{key}"), value))?
+            .with_context(|| format!("setting {key}={value} in network namespace `{ns}`"))
+    }
+}
