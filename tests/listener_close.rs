@@ -3,7 +3,8 @@
 //! listener; a request that connected and got no response is lost.
 //!
 //! `cargo test --test listener_close -- --ignored --nocapture` runs the 200-round loop and prints
-//! counts; `LISTENER_CLOSE_BIN=/path/to/graceful` points it at another build (to compare), `ROUNDS=n` changes the count.
+//! counts; `LISTENER_CLOSE_BIN=/path/to/graceful` points it at another build (to compare), `ROUNDS=n` changes the count,
+//! `LISTENER_CLOSE_UNPRIVILEGED=1` runs the binary with no capabilities as uid 65532.
 
 mod common;
 
@@ -47,8 +48,29 @@ fn one(addr: SocketAddr) -> Option<bool> {
     Some(ok)
 }
 
+/// The binary as a pod that drops every capability runs it (`LISTENER_CLOSE_UNPRIVILEGED=1`):
+/// where the kernel then refuses the SYN filter, the close falls back to a zero-length queue.
+fn command(bin: &str) -> Command {
+    if std::env::var_os("LISTENER_CLOSE_UNPRIVILEGED").is_some() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "65532",
+            "--regid",
+            "65532",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            bin,
+        ]);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
 fn round(bin: &str) -> Round {
-    let mut backend = spawn_with(Command::new(bin), "backend", &["--drain-delay", "300ms"], &[]);
+    let mut backend = spawn_with(command(bin), "backend", &["--drain-delay", "300ms"], &[]);
     let addr = backend.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
