@@ -20,6 +20,7 @@ use opentelemetry_sdk::Resource;
 use tracing::Span;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -55,12 +56,16 @@ pub fn export_target(cfg: &Config) -> Option<ExportTarget> {
 }
 
 /// Installs the global subscriber. Call before any async runtime starts.
+///
+/// Each layer has its own filter: the log level decides what is printed, never what is traced
+/// (a global `warn` filter would drop the info-level request spans, and with them every trace).
+/// A span the log filter rejects also costs the log layer nothing.
 pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()> {
     let directives = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => v,
         _ => cfg.telemetry.log_level.clone(),
     };
-    let filter = EnvFilter::try_new(quiet_parse_errors(&directives))
+    let log_filter = EnvFilter::try_new(quiet_parse_errors(&directives))
         .map_err(|e| anyhow::anyhow!("log filter `{directives}`: {e}"))?;
     let json = match cfg.telemetry.log_format {
         LogFormat::Json => true,
@@ -72,9 +77,10 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             .fmt_fields(crate::log_format::SpanFieldsForLogs)
             .event_format(crate::log_format::JsonWithTraceIds)
             .with_writer(std::io::stdout)
+            .with_filter(log_filter)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed()
+        tracing_subscriber::fmt::layer().with_writer(std::io::stdout).with_filter(log_filter).boxed()
     };
     let otel = match export_target(cfg) {
         Some(target) => {
@@ -92,13 +98,31 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
                     .with_threads(false)
                     .with_tracked_inactivity(false)
                     .with_level(false)
-                    .with_target(false),
+                    .with_target(false)
+                    .with_filter(trace_filter()),
             )
         }
         None => None,
     };
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
     Ok(())
+}
+
+/// What is exported, whatever the log level: our spans and events at info and above. The
+/// exporter's own HTTP/gRPC stack stays out, so an export can never trace itself.
+fn trace_filter() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("actix_http::h1::dispatcher", LevelFilter::OFF)
+        .with_target("opentelemetry", LevelFilter::OFF)
+        .with_target("opentelemetry_sdk", LevelFilter::OFF)
+        .with_target("opentelemetry_otlp", LevelFilter::OFF)
+        .with_target("reqwest", LevelFilter::OFF)
+        .with_target("hyper", LevelFilter::OFF)
+        .with_target("hyper_util", LevelFilter::OFF)
+        .with_target("h2", LevelFilter::OFF)
+        .with_target("tonic", LevelFilter::OFF)
+        .with_target("tower", LevelFilter::OFF)
 }
 
 /// actix_http logs an ERROR line for every malformed request a client sends, so any client could

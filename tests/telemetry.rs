@@ -325,3 +325,41 @@ fn an_attempt_cut_by_the_deadline_ends_with_its_error_type() {
     let attempt = spans.iter().find(cut).expect("an attempt span cut by the deadline");
     assert!(attempt.status_error, "{attempt:?}");
 }
+
+/// The log level decides what is printed, never what is traced: at `warn` the request spans
+/// (info) are still exported, and no info line is logged.
+#[test]
+fn a_warn_log_level_keeps_trace_export_and_prints_no_request_lines() {
+    let rx = receiver();
+    // Spawned by hand: at `warn` there is no `serving` line for the harness to read the ports from.
+    let (port, admin) = (dead_port(), dead_port());
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["backend", "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--drain-delay", "0s"])
+        .env_remove("RUST_LOG")
+        .env("GRACEFUL_TELEMETRY__LOG_FORMAT", "json")
+        .env("GRACEFUL_TELEMETRY__LOG_LEVEL", "warn")
+        .envs(quick_export(traced(&rx, "backend-warn")));
+    let mut backend = common::Process::spawn(cmd).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(eventually(Duration::from_secs(10), || get(addr, "/readyz").is_ok_and(|r| r.status == 200)));
+    let mut ids = HashSet::new();
+    for _ in 0..3 {
+        let r = get(addr, "/api/data?work_ms=0").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        ids.insert(r.header("x-trace-id").expect("a trace id header").to_string());
+    }
+    let spans = rx.wait_until(Duration::from_secs(5), |s| {
+        ids.iter().all(|id| s.iter().any(|s| &s.trace_id == id && s.kind == KIND_SERVER))
+    });
+    let exported: HashSet<_> = spans.iter().filter(|s| s.kind == KIND_SERVER).map(|s| s.trace_id.clone()).collect();
+    assert!(ids.is_subset(&exported), "every request's span is exported at log level warn: {ids:?} vs {exported:?}");
+    backend.signal(nix::sys::signal::Signal::SIGTERM);
+    let exit = backend.wait_exit(Duration::from_secs(5)).map(|(st, _)| st.code());
+    assert_eq!(exit, Some(Some(0)), "{}", backend.log_text());
+    let lines = backend.events();
+    let info: Vec<_> = lines.iter().filter(|v| v["level"] != "WARN" && v["level"] != "ERROR").collect();
+    assert!(info.is_empty(), "nothing below warn is printed: {info:#?}");
+    let log = backend.log_text();
+    assert!(!log.contains("HTTP request") && !log.contains("/api/data"), "no request lines: {log}");
+}

@@ -6,6 +6,7 @@
 //!
 //! See benches/README.md for what each figure means and how it is taken.
 
+mod bare;
 mod http;
 /// The process harness shared with the black-box tests.
 #[path = "../../tests/common/process.rs"]
@@ -35,6 +36,14 @@ const TARGET_EXIT_MS: f64 = 100.0;
 const TARGET_RSS_MIB: f64 = 20.0;
 const TARGET_BINARY_MIB: f64 = 20.0;
 const TARGET_READY_MS: f64 = 100.0;
+/// Graceful chain req/s against the bare actix → awc → actix chain, at saturation.
+const TARGET_VS_BARE_CHAIN_RPS: f64 = 0.8;
+/// Each graceful hop's CPU per request against the bare hop's (tracing off).
+const TARGET_VS_BARE_HOP_CPU: f64 = 1.3;
+/// App CPU per request against the untraced chain: 100 % sampled, 10 % sampled, SDK disabled.
+const TARGET_TRACED_CPU: f64 = 1.25;
+const TARGET_SAMPLED_CPU: f64 = 1.05;
+const TARGET_SDK_DISABLED_CPU: f64 = 0.05;
 /// Service names of the 10 %-sampled pair, so its spans are counted apart.
 const SAMPLED_BACKEND: &str = "graceful-backend-sampled";
 const SAMPLED_FRONTEND: &str = "graceful-frontend-sampled";
@@ -76,6 +85,12 @@ struct Args {
     /// Idle keep-alive connections held open in the exit measurement
     #[arg(long = "keepalive", value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive_connections: u64,
+    /// Internal: serve as a bare reference server (the bench starts these itself)
+    #[arg(long, value_name = "ROLE", hide = true)]
+    bare_serve: Option<bare::BareRole>,
+    /// Internal: the bare frontend's upstream
+    #[arg(long, value_name = "ADDR", hide = true)]
+    bare_upstream: Option<SocketAddr>,
     /// Passed by `cargo bench` to harness = false targets (`cargo test` does not).
     #[arg(long, hide = true)]
     bench: bool,
@@ -123,7 +138,11 @@ impl Opts {
 
 fn main() -> ExitCode {
     // clap prints its own usage and exits 2 on a bad argument (0 for --help).
-    let opts = match Opts::from_args(<Args as clap::Parser>::parse()) {
+    let args = <Args as clap::Parser>::parse();
+    if let Some(role) = args.bare_serve {
+        return bare::serve(role, args.bare_upstream);
+    }
+    let opts = match Opts::from_args(args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("graceful bench: {e}");
@@ -516,8 +535,17 @@ impl Bench {
         };
         let mut b2 = Proc::start(&sampled(backend(), SAMPLED_BACKEND))?;
         let mut f2 = Proc::start(&sampled(frontend(b2.listen), SAMPLED_FRONTEND))?;
+        // An endpoint configured but the SDK switched off: must cost what no endpoint costs.
+        let disabled = |s: Spec| s.traced(&otlp).env("OTEL_SDK_DISABLED", "true");
+        let b3 = Proc::start(&disabled(backend()))?;
+        let f3 = Proc::start(&disabled(frontend(b3.listen)))?;
+        // The physical limit of this stack here: bare actix, and bare actix → awc → actix.
+        let bare_b = Proc::start_bare(bare::BareRole::Backend, None)?;
+        let bare_f = Proc::start_bare(bare::BareRole::Frontend, Some(bare_b.listen))?;
         for (p, what) in
             [(&b0, "backend"), (&f0, "chain"), (&b1, "traced backend"), (&f1, "traced chain"), (&f2, "sampled chain")]
+                .into_iter()
+                .chain([(&f3, "SDK-disabled chain"), (&bare_b, "bare backend"), (&bare_f, "bare chain")])
         {
             expect_200(p.listen, "/api/data", what)?;
         }
@@ -568,6 +596,27 @@ impl Bench {
                 connections: c,
                 cpu: vec![("frontend", f2.pid, true), ("backend", b2.pid, true), ("otlp_sink", me, false)],
             },
+            LoadTarget {
+                name: "chain_sdk_disabled",
+                what: "wrk → frontend → backend, endpoint set, OTEL_SDK_DISABLED=true",
+                url: url(&f3),
+                connections: c,
+                cpu: vec![("frontend", f3.pid, true), ("backend", b3.pid, true)],
+            },
+            LoadTarget {
+                name: "bare_backend",
+                what: "wrk → bare actix handler",
+                url: url(&bare_b),
+                connections: c,
+                cpu: vec![("backend", bare_b.pid, true)],
+            },
+            LoadTarget {
+                name: "bare_chain",
+                what: "wrk → bare actix → awc → bare actix",
+                url: url(&bare_f),
+                connections: c,
+                cpu: vec![("frontend", bare_f.pid, true), ("backend", bare_b.pid, true)],
+            },
             LoadTarget { name: "backend_1conn", what: "1 connection", url: url(&b0), connections: 1, cpu: backend_cpu },
             LoadTarget { name: "chain_1conn", what: "1 connection", url: url(&f0), connections: 1, cpu: chain_cpu },
             LoadTarget {
@@ -590,6 +639,7 @@ impl Bench {
         let (be, bt, ch, ct) = (get("backend"), get("backend_traced"), get("chain"), get("chain_traced"));
         let (be1, ch1, ct1) = (get("backend_1conn"), get("chain_1conn"), get("chain_traced_1conn"));
         let cs = get("chain_sampled");
+        let (cd, bb, bc) = (get("chain_sdk_disabled"), get("bare_backend"), get("bare_chain"));
         let ratios = vec![
             ratio("chain / backend, req/s", ch, be, |r| r.rps),
             ratio("chain / backend, p50 latency", ch, be, |r| r.p50_ms),
@@ -605,6 +655,12 @@ impl Bench {
             cpu_ratio("traced / untraced backend, app CPU per request", bt, be),
             ratio("10 % sampled / untraced chain, req/s", cs, ch, |r| r.rps),
             cpu_ratio("10 % sampled / untraced chain, app CPU per request", cs, ch),
+            ratio("SDK disabled / untraced chain, req/s", cd, ch, |r| r.rps),
+            cpu_ratio("SDK disabled / untraced chain, app CPU per request", cd, ch),
+            ratio("chain / bare chain, req/s", ch, bc, |r| r.rps),
+            ratio("backend / bare backend, req/s", be, bb, |r| r.rps),
+            hop_cpu_ratio("frontend hop / bare frontend hop, CPU per request", ch, bc, "frontend"),
+            hop_cpu_ratio("backend hop / bare backend hop, CPU per request", be, bb, "backend"),
         ];
 
         // The traced pair flushes its batch exporter on the way out; count what arrived.
@@ -780,6 +836,39 @@ impl Bench {
                 format!("≤ {:.0} %", TARGET_TRACING_COST * 100.0),
             ),
         });
+
+        t.push(ratio_target(
+            "app CPU/request, 100 % sampled vs untraced",
+            format!("≤ {TARGET_TRACED_CPU:.2}×"),
+            find("traced / untraced chain, app CPU per request"),
+            |m| m <= TARGET_TRACED_CPU,
+        ));
+        t.push(ratio_target(
+            "app CPU/request, 10 % sampled vs untraced",
+            format!("≤ {TARGET_SAMPLED_CPU:.2}×"),
+            find("10 % sampled / untraced chain, app CPU per request"),
+            |m| m <= TARGET_SAMPLED_CPU,
+        ));
+        t.push(ratio_target(
+            "app CPU/request, OTEL_SDK_DISABLED vs untraced",
+            format!("within ±{:.0} %", TARGET_SDK_DISABLED_CPU * 100.0),
+            find("SDK disabled / untraced chain, app CPU per request"),
+            |m| (m - 1.0).abs() <= TARGET_SDK_DISABLED_CPU,
+        ));
+        t.push(ratio_target(
+            "chain req/s vs bare actix → awc → actix",
+            format!("≥ {TARGET_VS_BARE_CHAIN_RPS:.1}×"),
+            find("chain / bare chain, req/s"),
+            |m| m >= TARGET_VS_BARE_CHAIN_RPS,
+        ));
+        for (what, row) in [
+            ("frontend hop CPU/request vs bare hop", "frontend hop / bare frontend hop, CPU per request"),
+            ("backend hop CPU/request vs bare hop", "backend hop / bare backend hop, CPU per request"),
+        ] {
+            t.push(ratio_target(what, format!("≤ {TARGET_VS_BARE_HOP_CPU:.1}×"), find(row), |m| {
+                m <= TARGET_VS_BARE_HOP_CPU
+            }));
+        }
 
         let exit_target = format!("≤ {TARGET_EXIT_MS:.0} ms");
         t.push(if r.exit.is_empty() {
@@ -998,6 +1087,25 @@ fn cpu_ratio(name: &str, num: &Case, den: &Case) -> Ratio {
     };
     let per_round = (0..num.runs.len().min(den.runs.len())).map(|r| app(num, r) / app(den, r)).collect();
     ratio_of(name, per_round)
+}
+
+/// One process's CPU per request (`label`) in two cases, per round.
+fn hop_cpu_ratio(name: &str, num: &Case, den: &Case, label: &str) -> Ratio {
+    let (a, b) = (&num.cpu_us_per_request[label], &den.cpu_us_per_request[label]);
+    ratio_of(name, a.iter().zip(b).map(|(x, y)| x / y).collect())
+}
+
+/// A target on a ratio row: its median and range, and whether `ok(median)`.
+fn ratio_target(what: &'static str, target: String, r: Option<&Ratio>, ok: impl Fn(f64) -> bool) -> Target {
+    match r {
+        Some(x) => Target {
+            what,
+            target,
+            figure: format!("{:.2}× (rounds {:.2}–{:.2})", x.median, x.min, x.max),
+            met: Some(ok(x.median)),
+        },
+        None => not_measured(what, target),
+    }
 }
 
 fn ratio_of(name: &str, per_round: Vec<f64>) -> Ratio {

@@ -95,6 +95,21 @@ impl Proc {
         Ok(Proc { role: spec.role, pid: process.pid, process, listen: unknown, admin: unknown })
     }
 
+    /// A reference server (benches/graceful/bare.rs): this bench binary, run with `--bare-serve`.
+    pub fn start_bare(role: crate::bare::BareRole, upstream: Option<SocketAddr>) -> Result<Proc> {
+        let me = std::env::current_exe().context("the bench binary's own path")?;
+        let mut cmd = Command::new(&me);
+        cmd.args(["--bare-serve", role.flag()]);
+        if let Some(a) = upstream {
+            cmd.arg("--bare-upstream").arg(a.to_string());
+        }
+        let process = Process::spawn(cmd).with_context(|| format!("spawning {}", me.display()))?;
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut p = Proc { role: role.flag(), pid: process.pid, process, listen: unknown, admin: unknown };
+        p.wait_serving(Duration::from_secs(20))?;
+        Ok(p)
+    }
+
     /// Spawns and waits for the `serving` log line, which names both listeners.
     pub fn start(spec: &Spec) -> Result<Proc> {
         let mut p = Proc::spawn(spec)?;
