@@ -4,6 +4,11 @@
 #   docker build -t graceful:latest .
 #   kind load docker-image graceful:latest        # or: minikube image load graceful:latest
 #
+# The runtime stage can also take a binary built elsewhere: a named build context called `build`
+# stands in for the build stage (which is then skipped, nothing is pulled), e.g.
+#   docker buildx build --build-context build=DIR -t graceful:latest DIR   # DIR/out/usr/local/bin/graceful
+# CI does this with buildah (.ci/build-image), so it builds the very runtime stage users get.
+#
 # Stage 1 builds a fully static musl binary (no C dependencies: actix/awc default features are off,
 # the OTLP exporter speaks plain HTTP). Stage 2 is `scratch`: no shell, no libc, no package manager;
 # the binary is PID 1 and handles SIGTERM itself, so no init is needed.
