@@ -334,8 +334,52 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let ours = cfg.shutdown.shutdown_timeout;
-    let actix_secs = (ours + ACTIX_STOP_MARGIN).as_secs_f64().ceil() as u64;
+    let running = match start_listeners(&ctx, &listeners, routes) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let (open, peak) = (ctx.connections.clone(), ctx.connections_peak.clone());
+    actix_web::rt::spawn(async move { crate::memory::trim_after_floods(&open, &peak).await });
+    ctx.set_phase(Phase::Serving);
+    tracing::info!(
+        role = ctx.role,
+        listen = %running.public_addr,
+        admin = %running.admin_addr,
+        graceful = cfg.features.graceful,
+        retry = cfg.features.retry,
+        timeouts = cfg.features.timeouts,
+        "serving"
+    );
+    ctx.event("serving", None);
+
+    // 1. Serve until a termination signal (a preStop only starts the lame-duck period, and
+    //    ends it again if no SIGTERM follows within shutdown.prestop_timeout).
+    let trigger = serve_until_signal(&ctx, &mut signals).await;
+    ctx.lifecycle.signal_received();
+    ctx.event(trigger.event_name(), Some(ctx.lifecycle.in_flight()));
+    if !cfg.features.graceful {
+        return naive_exit(&ctx, &running.public, &running.admin, exit_code_for(trigger)).await;
+    }
+    drain_and_stop(&ctx, &mut signals, running, trigger).await
+}
+
+/// Both listeners, running: actix's handles, our handle on the public socket, the bound addresses.
+struct Running {
+    public: ServerHandle,
+    admin: ServerHandle,
+    public_socket: PublicListener,
+    public_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+/// Binds and starts the public listener (our socket, counted connections) and the admin one; a
+/// listener that cannot bind is exit code 2, naming the address and its config key.
+fn start_listeners<F>(ctx: &Shared, listeners: &Listeners, routes: F) -> Result<Running, ExitCode>
+where
+    F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+{
+    let cfg = &ctx.config;
+    let actix_secs = (cfg.shutdown.shutdown_timeout + ACTIX_STOP_MARGIN).as_secs_f64().ceil() as u64;
     let app_ctx = ctx.clone();
     let (connections, unread, markers) = (ctx.connections.clone(), ctx.unread.clone(), ctx.markers.clone());
     let peak = ctx.connections_peak.clone();
@@ -370,7 +414,7 @@ where
         Ok((s, addr, ours)) => (s.run(), addr, ours),
         Err(e) => {
             eprintln!("graceful {}: cannot listen on {} ({}): {e}", ctx.role, listeners.public, listeners.public_key);
-            return ExitCode::from(2);
+            return Err(ExitCode::from(2));
         }
     };
     let admin_ctx = ctx.clone();
@@ -386,61 +430,43 @@ where
         }
         Err(e) => {
             eprintln!("graceful {}: cannot listen on {} ({}): {e}", ctx.role, listeners.admin, listeners.admin_key);
-            return ExitCode::from(2);
+            return Err(ExitCode::from(2));
         }
     };
-    let public_handle = public.handle();
-    let admin_handle = admin.handle();
+    let running = Running { public: public.handle(), admin: admin.handle(), public_socket, public_addr, admin_addr };
     actix_web::rt::spawn(public);
     actix_web::rt::spawn(admin);
-    let (open, peak) = (ctx.connections.clone(), ctx.connections_peak.clone());
-    actix_web::rt::spawn(async move { crate::memory::trim_after_floods(&open, &peak).await });
-    ctx.set_phase(Phase::Serving);
-    tracing::info!(
-        role = ctx.role,
-        listen = %public_addr,
-        admin = %admin_addr,
-        graceful = cfg.features.graceful,
-        retry = cfg.features.retry,
-        timeouts = cfg.features.timeouts,
-        "serving"
-    );
-    ctx.event("serving", None);
+    Ok(running)
+}
 
-    // 1. Serve until a termination signal (a preStop only starts the lame-duck period, and
-    //    ends it again if no SIGTERM follows within shutdown.prestop_timeout).
-    let trigger = serve_until_signal(&ctx, &mut signals).await;
-    ctx.lifecycle.signal_received();
-    ctx.event(trigger.event_name(), Some(ctx.lifecycle.in_flight()));
-    let exit_code = exit_code_for(trigger);
-    if !cfg.features.graceful {
-        return naive_exit(&ctx, &public_handle, &admin_handle, exit_code).await;
-    }
-
+/// Steps 2 and 3 of the shutdown: the lame-duck period, then the listener's close and the drain
+/// of what is in flight, bounded by `shutdown_timeout`. A second signal at any point ends it.
+async fn drain_and_stop(ctx: &Ctx, signals: &mut Signals, running: Running, trigger: DrainTrigger) -> ExitCode {
+    let cfg = &ctx.config;
     // 2. Lame duck: readiness fails, requests are still served (with Connection: close).
     ctx.begin_drain(trigger);
     let remaining = ctx.lifecycle.remaining_drain(cfg.shutdown.drain_delay);
     tokio::select! {
         _ = tokio::time::sleep(remaining) => {}
-        second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
+        second = signals.next_stop() => return second_signal(ctx, exit_code_for(second)),
     }
 
     // 3. Close the listener without losing what the kernel already accepted, then let in-flight
     //    requests finish; idle keep-alive connections are closed.
     ctx.set_phase(Phase::Stopping);
-    let deadline = tokio::time::Instant::now() + ours;
-    close_public_listener(&ctx, public_socket, &public_handle).await;
+    let deadline = tokio::time::Instant::now() + cfg.shutdown.shutdown_timeout;
+    close_public_listener(ctx, running.public_socket, &running.public).await;
     ctx.event("listener_closed", Some(ctx.lifecycle.in_flight()));
     // Our own count, not actix's stop future: actix re-checks open connections only once a second.
     let left_open = tokio::select! {
         left = ctx.connections.wait_zero(deadline.saturating_duration_since(tokio::time::Instant::now())) => left,
-        second = signals.next_stop() => return second_signal(&ctx, exit_code_for(second)),
+        second = signals.next_stop() => return second_signal(ctx, exit_code_for(second)),
     };
     // What was still running at the deadline, counted before the forced close ends it.
     let left =
-        if left_open > 0 { drop_the_rest(&ctx, &public_handle, left_open).await } else { ctx.lifecycle.in_flight() };
+        if left_open > 0 { drop_the_rest(ctx, &running.public, left_open).await } else { ctx.lifecycle.in_flight() };
     ctx.event("drained", Some(left));
-    let admin_stop = admin_handle.clone();
+    let admin_stop = running.admin.clone();
     actix_web::rt::spawn(async move { admin_stop.stop(false).await });
     ctx.set_phase(Phase::Stopped);
     ctx.event("exit", Some(left));

@@ -107,8 +107,47 @@ pub async fn run(
         r.clear();
     }
     let entry = entry_service(manifest, cfg.entry.as_deref())?;
+    let (proxies, dns) = start_services(cfg, manifest, &cluster, &net).await?;
+    let node = NodeConfig {
+        exe: cfg.exe.clone(),
+        run_dir: cfg.run_dir.clone(),
+        config_maps: manifest.config_maps.clone(),
+        services: dns,
+        otlp_endpoint: receiver.map(|r| r.endpoint()),
+        sandbox_teardown: cfg.sandbox_teardown,
+    };
+    let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
+    let kubelet = Kubelet::start(cluster.clone(), node);
+    let mut ctls: Vec<DeploymentCtl> =
+        manifest.deployments.iter().map(DeploymentCtl::from_manifest).collect::<Result<_>>()?;
+    for r in &cfg.restart {
+        if !ctls.iter().any(|c| &c.name == r) {
+            bail!("--restart {r}: no such Deployment in {}", manifest.source);
+        }
+    }
+    let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
+    let spans = match (&result, receiver) {
+        // Export is batched: before the pods go, wait until their spans stop arriving.
+        (Ok(Driven { requests, .. }), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
+            progress.phase("collecting spans");
+            settle(r).await
+        }
+        (_, Some(r)) => r.spans(),
+        _ => Vec::new(),
+    };
+    // Whatever happened, no pod outlives its run.
+    drop(kubelet);
+    report(cfg, &cluster, &proxies, &entry, result?, spans)
+}
 
-    // Services: ports, lagged endpoint views, proxies on their ClusterIPs.
+/// Every Service port gets a lagged endpoint view and a proxy on its ClusterIP; the pods reach
+/// them by the names in the returned DNS records.
+async fn start_services(
+    cfg: &RunConfig,
+    manifest: &Manifest,
+    cluster: &Arc<Cluster>,
+    net: &Net,
+) -> Result<(Proxies, Vec<ServiceDns>)> {
     let mut ports = Vec::new();
     for s in &manifest.services {
         ports.extend(ServicePort::of_service(s)?);
@@ -145,37 +184,20 @@ pub async fn run(
         });
         proxies.list.push((sp, proxy));
     }
+    Ok((proxies, dns))
+}
 
-    let node = NodeConfig {
-        exe: cfg.exe.clone(),
-        run_dir: cfg.run_dir.clone(),
-        config_maps: manifest.config_maps.clone(),
-        services: dns,
-        otlp_endpoint: receiver.map(|r| r.endpoint()),
-        sandbox_teardown: cfg.sandbox_teardown,
-    };
-    let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
-    let kubelet = Kubelet::start(cluster.clone(), node);
-    let mut ctls: Vec<DeploymentCtl> =
-        manifest.deployments.iter().map(DeploymentCtl::from_manifest).collect::<Result<_>>()?;
-    for r in &cfg.restart {
-        if !ctls.iter().any(|c| &c.name == r) {
-            bail!("--restart {r}: no such Deployment in {}", manifest.source);
-        }
-    }
-    let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
-    let spans = match (&result, receiver) {
-        // Export is batched: before the pods go, wait until their spans stop arriving.
-        (Ok(Driven { requests, .. }), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
-            progress.phase("collecting spans");
-            settle(r).await
-        }
-        (_, Some(r)) => r.spans(),
-        _ => Vec::new(),
-    };
-    // Whatever happened, no pod outlives its run.
-    drop(kubelet);
-    let Driven { requests, windows, end: run_end, k6 } = result?;
+/// The run's result: every failed request attributed (spans, proxy records, pods), the summary,
+/// the timeline picture written beside the pod logs.
+fn report(
+    cfg: &RunConfig,
+    cluster: &Cluster,
+    proxies: &Proxies,
+    entry: &str,
+    driven: Driven,
+    spans: Vec<crate::otlp_receiver::SpanRecord>,
+) -> Result<RunResult> {
+    let Driven { requests, windows, end: run_end, k6 } = driven;
     let pods = cluster.pods();
     let entry_records =
         proxies.list.iter().filter(|(sp, _)| sp.service == entry).flat_map(|(_, p)| p.log.records()).collect();
@@ -186,11 +208,11 @@ pub async fn run(
         .map(|(_, p)| ProxyRecords { service: &p.service, records: p.log.records() })
         .collect();
     let attribution = attribution::attribute(&Inputs {
-        clock: &clock,
+        clock: &cluster.clock,
         requests: &requests,
         spans: &spans,
         pods: &pods,
-        entry: ProxyRecords { service: &entry, records: entry_records },
+        entry: ProxyRecords { service: entry, records: entry_records },
         inner,
     });
     let groups = attribution::groups(&attribution.items);
