@@ -32,27 +32,13 @@ impl Proxy {
         let cluster = Arc::new(Cluster::new(Clock::new()));
         // The proxy routes only to pods the "API server" knows and that are not gone.
         cluster.add_pod(Pod {
-            name: pod.into(),
-            namespace: "default".into(),
-            deployment: "backend".into(),
-            template_hash: "bench".into(),
             labels: BTreeMap::from([("app".to_string(), "backend".to_string())]),
             ip: backend.ip(),
-            net: Net::new(Mode::SharedLoopback).pod(&[])?,
-            named_ports: BTreeMap::new(),
-            created: Duration::ZERO,
             running: true,
             started: true,
             ready: true,
             ready_since: Some(Duration::ZERO),
-            deleted: None,
-            sigterm: None,
-            exited: None,
-            gone: None,
-            restarts: 0,
-            spec: Default::default(),
-            uid: String::new(),
-            config_error: None,
+            ..Pod::new(pod, "backend", "bench", Net::new(Mode::SharedLoopback).pod(&[])?)
         });
         let endpoint = Endpoint { pod: pod.into(), addr: backend, ready: true, serving: true, terminating: false };
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![endpoint]));

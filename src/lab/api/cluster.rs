@@ -119,6 +119,34 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// A pod as its ReplicaSet first writes it: nothing running or observed yet, no labels, an
+    /// empty spec. Callers set the rest with struct update syntax.
+    pub fn new(name: &str, deployment: &str, template_hash: &str, net: PodNet) -> Pod {
+        Pod {
+            name: name.to_string(),
+            namespace: "default".to_string(),
+            deployment: deployment.to_string(),
+            template_hash: template_hash.to_string(),
+            labels: BTreeMap::new(),
+            ip: net.ip,
+            net,
+            named_ports: BTreeMap::new(),
+            created: Duration::ZERO,
+            running: false,
+            started: false,
+            ready: false,
+            ready_since: None,
+            deleted: None,
+            sigterm: None,
+            exited: None,
+            gone: None,
+            restarts: 0,
+            spec: Arc::default(),
+            uid: String::new(),
+            config_error: None,
+        }
+    }
+
     /// Ready for at least `min_ready` now: the Deployment controller's "available".
     pub fn available(&self, now: Duration, min_ready: Duration) -> bool {
         self.ready && self.deleted.is_none() && self.ready_since.is_some_and(|t| now.saturating_sub(t) >= min_ready)

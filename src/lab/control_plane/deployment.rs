@@ -326,27 +326,11 @@ mod tests {
     fn pod(name: &str, hash: &str, ready_for: Option<u64>) -> Pod {
         let net = crate::lab::network::ipam::Net::new(crate::lab::network::ipam::Mode::PerIp).pod(&[]).unwrap();
         Pod {
-            name: name.into(),
-            namespace: "default".into(),
-            deployment: "d".into(),
-            template_hash: hash.into(),
-            labels: Default::default(),
-            ip: net.ip,
-            net,
-            named_ports: Default::default(),
-            created: Duration::ZERO,
             running: true,
             started: true,
             ready: ready_for.is_some(),
             ready_since: ready_for.map(|s| Duration::from_secs(100 - s)),
-            deleted: None,
-            sigterm: None,
-            exited: None,
-            gone: None,
-            restarts: 0,
-            spec: Default::default(),
-            uid: String::new(),
-            config_error: None,
+            ..Pod::new(name, "d", hash, net)
         }
     }
 

@@ -160,27 +160,14 @@ mod tests {
     fn pod(name: &str, ready: bool, deleted: bool) -> Pod {
         let net = Net::new(Mode::PerIp).pod(&[5000]).unwrap();
         Pod {
-            name: name.into(),
-            namespace: "default".into(),
-            deployment: "backend".into(),
-            template_hash: "h".into(),
             labels: [("app".to_string(), "backend".to_string())].into(),
-            ip: net.ip,
-            net,
             named_ports: [("http".to_string(), 5000)].into(),
-            created: Duration::ZERO,
             running: true,
             started: true,
             ready,
             ready_since: ready.then_some(Duration::ZERO),
             deleted: deleted.then_some(Duration::ZERO),
-            sigterm: None,
-            exited: None,
-            gone: None,
-            restarts: 0,
-            spec: Default::default(),
-            uid: String::new(),
-            config_error: None,
+            ..Pod::new(name, "backend", "h", net)
         }
     }
 

@@ -49,27 +49,13 @@ impl PodFactory {
         let ports: Vec<u16> = c.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
         let net = self.net.pod(&ports).context("allocating a pod address")?;
         self.cluster.add_pod(Pod {
-            name: name.clone(),
             namespace: namespace.to_string(),
-            deployment: deployment.to_string(),
-            template_hash: hash.to_string(),
             labels,
-            ip: net.ip,
-            net,
             named_ports: named_ports(c),
             created: self.cluster.clock.now(),
-            running: false,
-            started: false,
-            ready: false,
-            ready_since: None,
-            deleted: None,
-            sigterm: None,
-            exited: None,
-            gone: None,
-            restarts: 0,
             spec: Arc::new(template.clone()),
             uid: format!("{:032x}", rand::random::<u128>()),
-            config_error: None,
+            ..Pod::new(&name, deployment, hash, net)
         });
         Ok(name)
     }

@@ -480,29 +480,7 @@ mod tests {
 
     fn add_pod_with(cluster: &Cluster, name: &str, spec: PodTemplateSpec) {
         let net = Net::in_block(Mode::PerIp, 251).pod(&[]).unwrap();
-        cluster.add_pod(Pod {
-            name: name.into(),
-            namespace: "default".into(),
-            deployment: "d".into(),
-            template_hash: "h".into(),
-            labels: Default::default(),
-            ip: net.ip,
-            net,
-            named_ports: Default::default(),
-            created: Duration::ZERO,
-            running: false,
-            started: false,
-            ready: false,
-            ready_since: None,
-            deleted: None,
-            sigterm: None,
-            exited: None,
-            gone: None,
-            restarts: 0,
-            spec: Arc::new(spec),
-            uid: String::new(),
-            config_error: None,
-        });
+        cluster.add_pod(Pod { spec: Arc::new(spec), ..Pod::new(name, "d", "h", net) });
     }
 
     /// A pod template whose container runs `script` under /bin/sh (the node's "image").
