@@ -197,6 +197,19 @@ struct Case<'a> {
 }
 
 impl Case<'_> {
+    /// The client → frontend hop, told by the frontend pod's own server span.
+    fn first_hop_from_span(&self, fe: &SpanRecord) -> Attribution {
+        let (phase, ms_after_sigterm) = span_phase_at(fe, self.pods, self.inp.clock);
+        self.verdict(Verdict {
+            hop: format!("client→{}", self.fe_deploy),
+            pod: span_pod(fe).unwrap_or_default().to_string(),
+            phase,
+            ms_after_sigterm,
+            cause: self.r.outcome.class(),
+            source: Source::Spans,
+        })
+    }
+
     fn verdict(&self, v: Verdict) -> Attribution {
         Attribution {
             request: self.r.id,
@@ -255,15 +268,7 @@ fn explain_frontend_error(c: &Case, used: &mut HashSet<(usize, usize)>) -> Resul
     }
     if let Some(fe) = c.fe_server {
         // The frontend failed on its own (e.g. 503 while draining): first hop.
-        let (phase, ms_after_sigterm) = span_phase_at(fe, pods, inp.clock);
-        return Ok(c.verdict(Verdict {
-            hop: format!("client→{}", c.fe_deploy),
-            pod: span_pod(fe).unwrap_or_default().to_string(),
-            phase,
-            ms_after_sigterm,
-            cause: r.outcome.class(),
-            source: Source::Spans,
-        }));
+        return Ok(c.first_hop_from_span(fe));
     }
     // No spans at all: the lab's proxies alone.
     let cause = r.error.clone().unwrap_or_default();
@@ -334,15 +339,7 @@ fn explain_attempt(c: &Case, attempt: &SpanRecord, used: &mut HashSet<(usize, us
 fn explain_client_hop(c: &Case, used: &mut HashSet<(usize, usize)>) -> Result<Attribution, String> {
     let (inp, r, pods) = (c.inp, c.r, c.pods);
     if let Some(fe) = c.fe_server.filter(|s| span_pod(s).is_some()) {
-        let (phase, ms_after_sigterm) = span_phase_at(fe, pods, inp.clock);
-        return Ok(c.verdict(Verdict {
-            hop: format!("client→{}", c.fe_deploy),
-            pod: span_pod(fe).unwrap_or_default().to_string(),
-            phase,
-            ms_after_sigterm,
-            cause: r.outcome.class(),
-            source: Source::Spans,
-        }));
+        return Ok(c.first_hop_from_span(fe));
     }
     let conn = r.local.and_then(|l| lookup(&inp.entry.records, l, c.end_of_request));
     let lab = |hop: String, pod: String, (phase, ms_after_sigterm): (String, Option<f64>)| {
