@@ -7,6 +7,7 @@
 //! See benches/README.md for what each figure means and how it is taken.
 
 mod bare;
+mod flood;
 mod http;
 /// The process harness shared with the black-box tests.
 #[path = "../../tests/common/process.rs"]
@@ -34,6 +35,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 const TARGET_TRACING_COST: f64 = 0.10;
 const TARGET_EXIT_MS: f64 = 100.0;
 const TARGET_RSS_MIB: f64 = 20.0;
+/// Share of what a connection flood added to RSS that must be given back within seconds.
+const TARGET_FLOOD_RETURNED: f64 = 0.5;
 const TARGET_BINARY_MIB: f64 = 20.0;
 const TARGET_READY_MS: f64 = 100.0;
 /// Graceful chain req/s against the bare actix → awc → actix chain, at saturation.
@@ -186,6 +189,7 @@ struct Report {
     binary: Option<Binary>,
     load: Option<Load>,
     memory: Vec<MemRow>,
+    flood: Option<flood::Flood>,
     spans: Option<SpanCheck>,
     readiness: Vec<Samples>,
     exit: Vec<ExitCase>,
@@ -424,6 +428,8 @@ impl Bench {
             self.report.meta.wrk = w.version.clone();
             self.step("throughput, latency, CPU and memory", |b| b.load_section(w));
         }
+        let flood_size = if self.opts.short { 1000 } else { 4000 };
+        self.report.flood = self.step("memory after a connection flood", |_| flood::measure(&backend(), flood_size));
         self.step("time to ready", |b| b.readiness_section());
         self.step("time from drain end to exit", |b| b.exit_section());
         match &wrk {
@@ -908,6 +914,24 @@ impl Bench {
             }
         });
 
+        let flood_target = format!("≥ {:.0} % of the growth", TARGET_FLOOD_RETURNED * 100.0);
+        t.push(match &r.flood {
+            Some(f) => Target {
+                what: "memory given back after a connection flood",
+                target: flood_target,
+                figure: format!(
+                    "{:.0} %: {} connections, {} → {} → {} MiB",
+                    f.returned() * 100.0,
+                    f.connections,
+                    mib(f.idle_rss_kib),
+                    mib(f.peak_rss_kib),
+                    mib(f.after_rss_kib)
+                ),
+                met: Some(f.returned() >= TARGET_FLOOD_RETURNED),
+            },
+            None => not_measured("memory given back after a connection flood", flood_target),
+        });
+
         let bin_target = format!("< {TARGET_BINARY_MIB:.0} MiB");
         t.push(match &r.binary {
             Some(b) => Target {
@@ -988,6 +1012,18 @@ impl Bench {
                 ]);
             }
             println!("{t}");
+            if let Some(f) = &r.flood {
+                println!(
+                    "connection flood (backend, {} connections, each answered once): idle {} MiB, all open {} MiB, \
+                     {} ms after they closed {} MiB ({:.0} % of the growth given back)",
+                    f.connections,
+                    mib(f.idle_rss_kib),
+                    mib(f.peak_rss_kib),
+                    f.settle_ms,
+                    mib(f.after_rss_kib),
+                    f.returned() * 100.0
+                );
+            }
             if let Some(b) = &r.binary {
                 println!(
                     "binary: {:.2} MiB ({} bytes), {}",
