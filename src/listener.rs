@@ -5,7 +5,9 @@
 //! shutting down drops what is queued there) and a connection whose request has not been read
 //! yet (closed as idle). So before actix is told to stop:
 //! 1. a BPF filter makes the socket drop new SYNs (the client retries its SYN a second later and
-//!    meets a closed port: refused, never accepted); handshakes already under way complete;
+//!    meets a closed port: refused, never accepted); handshakes already under way complete
+//!    (where the kernel refuses the filter, as some do without CAP_NET_ADMIN, `hand_over_paused`
+//!    pauses actix's accept loop behind a zero-length queue instead);
 //! 2. marker connections (the only SYNs the filter lets through) follow everything queued, one
 //!    per worker: once a worker has opened its marker, its channel holds nothing older;
 //! 3. we wait until every accepted connection has started its first request (or stayed silent
@@ -161,8 +163,14 @@ impl PublicListener {
     }
 
     /// Steps 1–3 of the module's sequence, all within [`HAND_OVER_BOUND`]. Returns what was left
-    /// (queued in the kernel, accepted but silent) when the bound ran out.
-    pub async fn hand_over(&self, markers: &Markers, workers: usize, unread: &AtomicUsize) -> (usize, usize) {
+    /// (queued in the kernel, accepted but silent) when the bound ran out, or the kernel's refusal
+    /// of the SYN filter (then nothing has changed yet: see [`PublicListener::hand_over_paused`]).
+    pub async fn hand_over(
+        &self,
+        markers: &Markers,
+        workers: usize,
+        unread: &AtomicUsize,
+    ) -> std::io::Result<(usize, usize)> {
         let deadline = tokio::time::Instant::now() + HAND_OVER_BOUND;
         let target = self.marker_target();
         // Sockets bound first, so the filter can name their ports. A few spares: the accept
@@ -181,10 +189,7 @@ impl PublicListener {
             markers.armed.store(true, Ordering::SeqCst);
         }
         let ports: Vec<u16> = sockets.iter().map(|(_, p)| *p).collect();
-        if let Err(e) = self.socket.attach_filter(&syn_filter(&ports)) {
-            tracing::warn!(error = %e, "cannot filter the listener; closing it directly");
-            return (self.queued(), unread.load(Ordering::SeqCst));
-        }
+        self.socket.attach_filter(&syn_filter(&ports))?;
         let mut open: Vec<TcpStream> = Vec::new();
         for (socket, port) in sockets {
             if markers.workers_seen() >= workers || tokio::time::Instant::now() >= deadline {
@@ -207,7 +212,49 @@ impl PublicListener {
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         drop(open);
-        left
+        Ok(left)
+    }
+
+    /// The hand-over without a socket filter (some kernels refuse one on a TCP socket to a
+    /// process without CAP_NET_ADMIN, as in a pod that drops ALL capabilities). An accept queue
+    /// of length 0 holds at most one completed connection and drops further SYNs (retried a
+    /// second later, then refused); the accept loop is paused, resumed only while the kernel
+    /// still holds a connection; then every accepted connection gets to start its request.
+    /// What can still be lost: a connection completed in the last instant before the close.
+    pub async fn hand_over_paused<P, R>(
+        &self,
+        pause: impl Fn() -> P,
+        resume: impl Fn() -> R,
+        unread: &AtomicUsize,
+    ) -> (usize, usize)
+    where
+        P: std::future::Future<Output = ()>,
+        R: std::future::Future<Output = ()>,
+    {
+        let deadline = tokio::time::Instant::now() + HAND_OVER_BOUND;
+        if let Err(e) = self.socket.listen(0) {
+            tracing::warn!(error = %e, "cannot shrink the listener's accept queue");
+        }
+        loop {
+            pause().await;
+            // The accept thread acts on the command after it is acknowledged.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if self.queued() == 0 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            resume().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // No marker can pass a full queue: give the workers a moment to take what their hand-over
+        // channels hold (those connections are not counted as unread until a worker opens them).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            let (queued, fresh) = (self.queued(), unread.load(Ordering::SeqCst));
+            if fresh == 0 || tokio::time::Instant::now() >= deadline {
+                break (queued, fresh);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
