@@ -210,6 +210,19 @@ impl Case<'_> {
         })
     }
 
+    /// The hop to the pod an inner proxy's record names, in the phase the lab saw it in then.
+    fn hop_from_proxy_record(&self, m: ProxyMatch, cause: String, source: Source) -> Attribution {
+        let (phase, ms_after_sigterm) = lab_phase(self.pods, &m.pod, m.at);
+        self.verdict(Verdict {
+            hop: self.hop_to(&m.pod),
+            phase: format!("{phase}{}", m.note),
+            pod: m.pod,
+            ms_after_sigterm,
+            cause,
+            source,
+        })
+    }
+
     fn verdict(&self, v: Verdict) -> Attribution {
         Attribution {
             request: self.r.id,
@@ -255,7 +268,7 @@ fn explain<'a>(
 
 /// The frontend answered with an error: look one hop further, at its failed upstream attempt.
 fn explain_frontend_error(c: &Case, used: &mut HashSet<(usize, usize)>) -> Result<Attribution, String> {
-    let (inp, r, pods) = (c.inp, c.r, c.pods);
+    let (inp, r) = (c.inp, c.r);
     let mut attempts: Vec<&SpanRecord> = c
         .spans
         .iter()
@@ -274,15 +287,7 @@ fn explain_frontend_error(c: &Case, used: &mut HashSet<(usize, usize)>) -> Resul
     let cause = r.error.clone().unwrap_or_default();
     let a = Attempt::new(ms(r.start), ms(c.end_of_request), &cause, None, 5.0);
     let m = join_by_time(&inner(inp), &a, used).ok_or("HTTP error without spans or a matching proxy record")?;
-    let (phase, ms_after_sigterm) = lab_phase(pods, &m.pod, m.at);
-    Ok(c.verdict(Verdict {
-        hop: c.hop_to(&m.pod),
-        phase: format!("{phase}{}", m.note),
-        pod: m.pod,
-        ms_after_sigterm,
-        cause: r.error.clone().unwrap_or_else(|| r.outcome.class()),
-        source: Source::Lab,
-    }))
+    Ok(c.hop_from_proxy_record(m, r.error.clone().unwrap_or_else(|| r.outcome.class()), Source::Lab))
 }
 
 /// The frontend's last failed upstream attempt: the backend's span, else the pod the frontend
@@ -324,15 +329,7 @@ fn explain_attempt(c: &Case, attempt: &SpanRecord, used: &mut HashSet<(usize, us
     let Some(m) = join_by_time(&inner(inp), &a, used) else {
         return Err(format!("the frontend's attempt failed with {cause} but no backend pod could be matched"));
     };
-    let (phase, ms_after_sigterm) = lab_phase(pods, &m.pod, m.at);
-    Ok(c.verdict(Verdict {
-        hop: c.hop_to(&m.pod),
-        phase: format!("{phase}{}", m.note),
-        pod: m.pod,
-        ms_after_sigterm,
-        cause,
-        source: Source::SpansAndLab,
-    }))
+    Ok(c.hop_from_proxy_record(m, cause, Source::SpansAndLab))
 }
 
 /// The client's own hop broke (refused, reset, closed, timeout, short body).
