@@ -333,28 +333,11 @@ fn classify_error(rec: &RequestRecord, e: &HttpError, proxy: Option<&ProxyLog>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn keeps_the_rate_and_reads_the_json() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        let body = r#"{"status":"ok","pod":"fe-1","backend":{"pod":"be-1"},"retries":1}"#;
-                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                        let _ = s.write_all(resp.as_bytes()).await;
-                    }
-                });
-            }
-        });
+        let body = r#"{"status":"ok","pod":"fe-1","backend":{"pod":"be-1"},"retries":1}"#;
+        let (addr, server) = crate::lab::network::fixed_http_server(body).await;
         let cfg = LoadConfig {
             target: addr,
             host: "svc".into(),

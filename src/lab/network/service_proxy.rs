@@ -289,29 +289,6 @@ mod tests {
     use crate::lab::api::cluster::Clock;
     use crate::lab::network::http_client;
 
-    async fn http_server(body: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let (mut s, _) = l.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, task)
-    }
-
     fn ep(pod: &str, addr: SocketAddr, ready: bool) -> Endpoint {
         Endpoint { pod: pod.into(), addr, ready, serving: ready, terminating: !ready }
     }
@@ -319,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn routes_keeps_connections_and_refuses_dead_pods() {
         let cluster = Arc::new(Cluster::new(Clock::new()));
-        let (a, server) = http_server("a").await;
+        let (a, server) = crate::lab::network::fixed_http_server("a").await;
         let (tx, rx) = watch::channel::<Slice>(Arc::new(vec![ep("a", a, true)]));
         let proxy = ServiceProxy::start("svc", "127.0.0.1:0".parse().unwrap(), rx, cluster.clone()).await.unwrap();
 
