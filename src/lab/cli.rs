@@ -3,12 +3,27 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::lab::kernel_node::node::DeadPod;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
     /// 5 s warmup, 3 s cooldown.
     Default,
     /// For CI: 2 s warmup, 2 s cooldown.
     Short,
+}
+
+/// Which node runs the pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeKind {
+    /// The kernel node where this machine allows it (root or unprivileged user namespaces, with
+    /// ip, nft, conntrack and br_netfilter), else the process node.
+    Auto,
+    /// Pods in their own network namespaces on a bridge, Services as kube-proxy's nftables rules,
+    /// all inside a private world that vanishes with the lab.
+    Kernel,
+    /// Pods as processes on this machine's loopback addresses, Services as user-space proxies.
+    Process,
 }
 
 #[derive(Debug, clap::Args)]
@@ -23,7 +38,8 @@ Examples:
   graceful lab -f deploy/rendered/graceful.yaml -f my-overlay.yaml
   kubectl kustomize deploy/kustomize/overlays/solution | graceful lab -f -
   graceful lab --overlay solution --rollouts 10 --expect-clean solution
-  graceful lab --sweep-lag 0,1,2,5,10 --profile short")]
+  graceful lab --sweep-lag 0,1,2,5,10 --profile short
+  graceful lab --node kernel --dead-pod blackhole")]
 pub struct LabArgs {
     /// A rendered overlay (`kubectl kustomize DIR`); `-` reads stdin. Repeatable: one run each.
     #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -96,6 +112,23 @@ pub struct LabArgs {
     /// Time from a pod's last container exit to its sandbox (and address) being torn down.
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub sandbox_teardown: humantime::Duration,
+    /// Which node runs the pods (the report says which ran).
+    #[arg(long, value_enum, default_value_t = NodeKind::Auto)]
+    pub node: NodeKind,
+    /// On the kernel node, what a torn-down pod's address does to new connections: `unreachable`
+    /// (the node forgets its neighbour entry: EHOSTUNREACH after ~3 s, as CNIs that delete the
+    /// route and neighbour do) or `blackhole` (the cached neighbour entry stays: SYNs vanish).
+    #[arg(long, value_enum, default_value_t = DeadPod::Unreachable)]
+    pub dead_pod: DeadPod,
+    /// Pod creation → container start, on top of what the real work here costs: sandbox and
+    /// network set-up, runtime start and status sync on a real node (image already present).
+    /// Default 1 s, inside Kubernetes' pod start-up SLO (p99 ≤ 5 s, image pull excluded);
+    /// 0s shows the lab's own cost alone.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub pod_start: humantime::Duration,
+    /// Internal: this lab already runs inside its private world (see --node kernel).
+    #[arg(long, hide = true)]
+    pub inside_world: bool,
     /// Most requests in flight before the generator counts new ones as overload.
     #[arg(long, value_name = "N", default_value_t = 2000)]
     pub max_in_flight: usize,
@@ -148,6 +181,9 @@ impl LabArgs {
         }
         if self.k6_rollout.is_some_and(|d| Duration::from(d).is_zero()) {
             bail!("--k6-rollout 0s: k6's rollout phase must last more than 0");
+        }
+        if Duration::from(self.pod_start) > Duration::from_secs(60) {
+            bail!("--pod-start {}: at most 60s", self.pod_start);
         }
         if !self.path.starts_with('/') {
             bail!("--path {}: must start with `/`", self.path);

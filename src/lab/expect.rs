@@ -123,6 +123,8 @@ mod tests {
     fn result(name: &str, failed: usize) -> RunResult {
         RunResult {
             name: name.into(),
+            node: "process".into(),
+            datapath: None,
             endpoint_lag_ms: 2000.0,
             rate: 200.0,
             summary: report::result::Summary { requests: 1000, failed, ..Default::default() },

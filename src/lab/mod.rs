@@ -18,6 +18,7 @@ pub mod network;
 pub mod node;
 pub mod report;
 pub mod scenario;
+pub mod world;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -117,6 +118,10 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         );
     }
     args.check()?;
+    let decided = world::decide(&args)?;
+    if matches!(decided, world::Decided::EnterWorld) {
+        return world::run_in_world();
+    }
     let inputs = load_inputs(&args)?;
     check_names(&args, &inputs)?;
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
@@ -134,6 +139,29 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
     // guard kills whatever of the run's process group is left (a hook's own children).
     let exe = std::env::current_exe().context("locating this binary (the pods run it)")?;
     let _group = node::run_group::RunGroup::start(&exe)?;
+    // The kernel node is built before the runtimes, whose threads are then born in it (and the
+    // client's runtime in the client namespace).
+    let kernel = match decided {
+        world::Decided::Kernel => {
+            let (node, isolation) = world::build_node()?;
+            let client_netns = node.lock().unwrap_or_else(|e| e.into_inner()).client.clone();
+            let client_rt = client_netns.runtime(1)?;
+            Some((node, isolation, client_netns, client_rt))
+        }
+        _ => None,
+    };
+    let env = match &kernel {
+        Some((node, isolation, client_netns, client_rt)) => {
+            let env = scenario::KernelEnv {
+                node: node.clone(),
+                client: client_rt.handle().clone(),
+                client_netns: client_netns.clone(),
+                dead_pod: args.dead_pod,
+            };
+            (scenario::NodeEnv::Kernel(env), Some(*isolation))
+        }
+        None => (scenario::NodeEnv::Process, None),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -145,7 +173,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         // SIGTERM (a CI runner's cancel, `kill`) takes the same path as Ctrl-C.
         let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         tokio::select! {
-            r = run_all(&args, inputs, k6) => r,
+            r = run_all(&args, inputs, k6, &env) => r,
             _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); every pod was killed"),
             _ = term.recv() => bail!("interrupted (SIGTERM); every pod was killed"),
         }
@@ -179,23 +207,46 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBuf)>) -> Result<ExitCode> {
+async fn run_all(
+    args: &LabArgs,
+    inputs: Vec<Input>,
+    k6: Option<(PathBuf, PathBuf)>,
+    (env, isolation): &(scenario::NodeEnv, Option<kernel_node::private_world::Isolation>),
+) -> Result<ExitCode> {
     let started = tokio::time::Instant::now();
     let plan = Plan::of(args, k6)?;
     let Plan { rate, ref lags, ref out, ref k6, .. } = plan;
-    let net = Arc::new(network::ipam::Net::detect());
+    let (net, receiver_addr) = match env {
+        scenario::NodeEnv::Process => (network::ipam::Net::detect(), "127.0.0.1:0"),
+        // Inside the node's namespace: the pods reach it on the bridge's address.
+        scenario::NodeEnv::Kernel(k) => (network::ipam::Net::kernel(k.node.clone()), "0.0.0.0:0"),
+    };
+    let net = Arc::new(net);
     let receiver = if args.no_tracing {
         None
     } else {
-        Some(OtlpReceiver::start("127.0.0.1:0".parse().unwrap()).context("starting the OTLP receiver")?)
+        Some(OtlpReceiver::start(receiver_addr.parse().unwrap()).context("starting the OTLP receiver")?)
     };
     let progress = report::progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+    let node = match (env, isolation) {
+        (scenario::NodeEnv::Kernel(k), Some(i)) => format!(
+            "kernel node (namespaces, nftables, conntrack; {}; dead pods {:?})",
+            match i {
+                kernel_node::private_world::Isolation::Root => "as root",
+                kernel_node::private_world::Isolation::UserNamespace => "rootless, in a user namespace",
+            },
+            k.dead_pod
+        )
+        .to_lowercase(),
+        _ => "process node".to_string(),
+    };
     progress.println(&format!(
-        "graceful lab: {} at {rate:.0} req/s{}, endpoint lag {}, {} rollout(s){}; run dir {}",
+        "graceful lab on the {node}: {} at {rate:.0} req/s{}, endpoint lag {}, pod start {}, {} rollout(s){}; run dir {}",
         names.join(", "),
         k6.as_ref().map(|(b, s)| format!(" by k6 ({} {})", b.display(), s.display())).unwrap_or_default(),
         lags.iter().map(|l| format!("{:.1} s", l.as_secs_f64())).collect::<Vec<_>>().join(" / "),
+        args.pod_start,
         args.rollouts,
         if matches!(net.mode, network::ipam::Mode::SharedLoopback) {
             " (shared 127.0.0.1: ports remapped)"
@@ -211,7 +262,7 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBu
             let dir_name =
                 if lags.len() > 1 { format!("{}-lag{}ms", input.name, lag.as_millis()) } else { input.name.clone() };
             let cfg = plan.run_config(args, &input.name, &dir_name, *lag);
-            let r = scenario::run(&cfg, &input.manifest, net.clone(), receiver.as_ref(), &progress)
+            let r = scenario::run(&cfg, &input.manifest, env, net.clone(), receiver.as_ref(), &progress)
                 .await
                 .with_context(|| format!("run `{}` (logs under {})", input.name, cfg.run_dir.display()))?;
             progress.println(&one_line(&r));
@@ -224,7 +275,12 @@ async fn run_all(args: &LabArgs, inputs: Vec<Input>, k6: Option<(PathBuf, PathBu
     for e in &expectations {
         println!("{} {} ({})", if e.held { "✔" } else { "✘" }, e.claim, e.detail);
     }
-    println!("lab finished in {:.1} s; pod logs under {}", started.elapsed().as_secs_f64(), out.display());
+    println!(
+        "lab finished in {:.1} s on the {} node; pod logs under {}",
+        started.elapsed().as_secs_f64(),
+        env.describe(),
+        out.display()
+    );
     if let Some(path) = &args.json {
         write_json(path, &results, &expectations)?;
     }
@@ -342,6 +398,7 @@ impl Plan {
             exe: self.exe.clone(),
             run_dir: self.out.join(dir_name),
             sandbox_teardown: args.sandbox_teardown.into(),
+            pod_start: args.pod_start.into(),
             limit: Duration::from_secs(120),
             k6: self.k6.as_ref().map(|(bin, script)| scenario::K6Source {
                 bin: bin.clone(),

@@ -1,6 +1,7 @@
 //! One run: bring up the overlay (Services with their proxies, Deployments with their pods),
 //! put load on it, roll the Deployments, and collect what happened.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +15,15 @@ use crate::lab::api::manifest::Manifest;
 use crate::lab::control_plane::deployment::DeploymentCtl;
 use crate::lab::control_plane::endpointslice;
 use crate::lab::control_plane::replicaset::PodFactory;
+use crate::lab::kernel_node::netns::Netns;
+use crate::lab::kernel_node::node::{DeadPod, Node};
 use crate::lab::load::generator::{self, LoadConfig};
 use crate::lab::load::k6::{K6Config, K6Figures, K6Run};
 use crate::lab::network::dns::ServiceDns;
 use crate::lab::network::ipam::Net;
-use crate::lab::network::service_proxy::ServiceProxy;
-use crate::lab::node::kubelet::{Kubelet, NodeConfig};
+use crate::lab::network::kernel_proxy::{KernelPort, KernelProxy};
+use crate::lab::network::service_proxy::{ConnRecord, ProxyLog, ServiceProxy};
+use crate::lab::node::kubelet::{Kubelet, NodeConfig, Sandboxes};
 use crate::lab::report::attribution::{self, Inputs, ProxyRecords};
 use crate::lab::report::progress::Progress;
 use crate::lab::report::result::{self, RolloutWindow, RunResult};
@@ -44,6 +48,8 @@ pub struct RunConfig {
     pub exe: PathBuf,
     pub run_dir: PathBuf,
     pub sandbox_teardown: Duration,
+    /// Pod creation → container start, on top of the real work (`--pod-start`).
+    pub pod_start: Duration,
     /// Bound on bringing the Deployments up and on each rollout.
     pub limit: Duration,
     /// k6 instead of the built-in load generator.
@@ -85,15 +91,101 @@ fn entry_service(m: &Manifest, wanted: Option<&str>) -> Result<String> {
     bail!("{}: which Service takes the load? Name it with --entry (Services: {})", m.source, names.join(", "))
 }
 
-/// The Services as played: their proxies and the endpoints controller feeding them.
-struct Proxies {
-    list: Vec<(ServicePort, ServiceProxy)>,
+/// The node a run's pods live on.
+#[derive(Clone)]
+pub enum NodeEnv {
+    /// Pods are processes sharing this machine's network; Services are user-space proxies.
+    Process,
+    /// Pods in their own network namespaces behind kube-proxy's nftables rules.
+    Kernel(KernelEnv),
+}
+
+/// The kernel node and where its clients live.
+#[derive(Clone)]
+pub struct KernelEnv {
+    pub node: Arc<std::sync::Mutex<Node>>,
+    /// Runs the load generator's tasks in the client namespace.
+    pub client: tokio::runtime::Handle,
+    pub client_netns: Netns,
+    pub dead_pod: DeadPod,
+}
+
+impl NodeEnv {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            NodeEnv::Process => "process",
+            NodeEnv::Kernel(_) => "kernel",
+        }
+    }
+}
+
+/// See [`Services::late_ms`].
+const CONNTRACK_LATE_MS: f64 = 250.0;
+
+/// How the Services reach their pods on this node.
+enum ServiceNet {
+    /// One user-space proxy per Service port.
+    Proxies(Vec<(ServicePort, ServiceProxy)>),
+    /// kube-proxy's nftables rules; conntrack keeps the records.
+    Kernel(KernelProxy),
+}
+
+/// The Services as played: their datapath and the endpoints controller feeding it.
+struct Services {
+    net: ServiceNet,
     endpoints: endpointslice::Controller,
+}
+
+impl Services {
+    /// Where the load enters `service`: its proxy, or its NodePort on the kernel node.
+    fn entry_addr(&self, service: &str) -> Option<SocketAddr> {
+        match &self.net {
+            ServiceNet::Proxies(list) => list.iter().find(|(sp, _)| sp.service == service).map(|(_, p)| p.addr),
+            ServiceNet::Kernel(k) => k.entry_addr(service),
+        }
+    }
+
+    /// The user-space proxy's log of `service`, which the generator reads to tell a refusal.
+    fn proxy_log(&self, service: &str) -> Option<Arc<ProxyLog>> {
+        match &self.net {
+            ServiceNet::Proxies(list) => list.iter().find(|(sp, _)| sp.service == service).map(|(_, p)| p.log.clone()),
+            ServiceNet::Kernel(_) => None,
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.net {
+            ServiceNet::Proxies(list) => list.iter().map(|(sp, _)| sp.service.clone()).collect(),
+            ServiceNet::Kernel(k) => k.ports.iter().map(|p| p.port.service.clone()).collect(),
+        };
+        names.dedup();
+        names
+    }
+
+    /// How late the records' times may read: conntrack's events are stamped when conntrack
+    /// reads them, which on a busy machine trails the packet.
+    fn late_ms(&self) -> f64 {
+        match &self.net {
+            ServiceNet::Proxies(_) => 0.0,
+            ServiceNet::Kernel(_) => CONNTRACK_LATE_MS,
+        }
+    }
+
+    /// Which pod each connection to `service` reached, and how.
+    fn records(&self, service: &str, pods: &[crate::lab::api::cluster::Pod], cluster: &Cluster) -> Vec<ConnRecord> {
+        match &self.net {
+            ServiceNet::Proxies(list) => {
+                list.iter().filter(|(sp, _)| sp.service == service).flat_map(|(_, p)| p.log.records()).collect()
+            }
+            ServiceNet::Kernel(k) => k.records(service, pods, cluster),
+        }
+    }
 }
 
 pub async fn run(
     cfg: &RunConfig,
     manifest: &Manifest,
+    env: &NodeEnv,
     net: Arc<Net>,
     receiver: Option<&OtlpReceiver>,
     progress: &Progress,
@@ -107,14 +199,20 @@ pub async fn run(
         r.clear();
     }
     let entry = entry_service(manifest, cfg.entry.as_deref())?;
-    let (proxies, dns) = start_services(cfg, manifest, &cluster, &net).await?;
+    let (proxies, dns) = start_services(cfg, manifest, &cluster, env, &net).await?;
     let node = NodeConfig {
         exe: cfg.exe.clone(),
         run_dir: cfg.run_dir.clone(),
         config_maps: manifest.config_maps.clone(),
         services: dns,
-        otlp_endpoint: receiver.map(|r| r.endpoint()),
+        otlp_endpoint: receiver.map(|r| otlp_endpoint_for_pods(r, env)),
         sandbox_teardown: cfg.sandbox_teardown,
+        pod_start: cfg.pod_start,
+        sandboxes: match env {
+            NodeEnv::Process => None,
+            NodeEnv::Kernel(k) => Some(Sandboxes { node: k.node.clone(), dead_pod: k.dead_pod }),
+        },
+        started: tokio::time::Instant::now(),
     };
     let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
     let kubelet = Kubelet::start(cluster.clone(), node);
@@ -125,7 +223,7 @@ pub async fn run(
             bail!("--restart {r}: no such Deployment in {}", manifest.source);
         }
     }
-    let result = drive(cfg, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
+    let result = drive(cfg, env, &cluster, &factory, &mut ctls, &proxies, &entry, progress).await;
     let spans = match (&result, receiver) {
         // Export is batched: before the pods go, wait until their spans stop arriving.
         (Ok(Driven { requests, .. }), Some(r)) if requests.iter().any(|r| !r.outcome.is_ok()) => {
@@ -135,28 +233,64 @@ pub async fn run(
         (_, Some(r)) => r.spans(),
         _ => Vec::new(),
     };
-    // Whatever happened, no pod outlives its run.
+    // Whatever happened, no pod outlives its run, nor its sandbox.
     drop(kubelet);
-    report(cfg, &cluster, &proxies, &entry, result?, spans)
+    if let NodeEnv::Kernel(k) = env {
+        clear_node(k, &cluster).await?;
+    }
+    report(cfg, env, &cluster, &proxies, &entry, result?, spans)
 }
 
-/// Every Service port gets a lagged endpoint view and a proxy on its ClusterIP; the pods reach
-/// them by the names in the returned DNS records.
+/// The receiver's address as the pods reach it: on the kernel node, the bridge's address.
+fn otlp_endpoint_for_pods(r: &OtlpReceiver, env: &NodeEnv) -> String {
+    match env {
+        NodeEnv::Process => r.endpoint(),
+        NodeEnv::Kernel(k) => {
+            let gateway = k.node.lock().unwrap_or_else(|e| e.into_inner()).gateway();
+            format!("http://{gateway}:{}", r.addr().port())
+        }
+    }
+}
+
+/// Tears down the sandboxes still there and gives every address of the run back.
+async fn clear_node(k: &KernelEnv, cluster: &Cluster) -> Result<()> {
+    let (node, dead_pod) = (k.node.clone(), k.dead_pod);
+    let ips: Vec<std::net::IpAddr> = cluster.pods().iter().map(|p| p.ip).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut node = node.lock().unwrap_or_else(|e| e.into_inner());
+        let torn = node.teardown_all(dead_pod).and_then(|()| node.flush_conntrack());
+        for ip in ips {
+            if let std::net::IpAddr::V4(v4) = ip {
+                node.release_ip(v4);
+            }
+        }
+        torn
+    })
+    .await
+    .context("the sandbox task panicked")?
+    .context("tearing down the run's pod sandboxes")
+}
+
+/// Every Service port gets a lagged endpoint view and a datapath (a proxy on its ClusterIP, or
+/// kube-proxy's rules); the pods reach them by the names in the returned DNS records.
 async fn start_services(
     cfg: &RunConfig,
     manifest: &Manifest,
     cluster: &Arc<Cluster>,
+    env: &NodeEnv,
     net: &Net,
-) -> Result<(Proxies, Vec<ServiceDns>)> {
+) -> Result<(Services, Vec<ServiceDns>)> {
     let mut ports = Vec::new();
     for s in &manifest.services {
         ports.extend(ServicePort::of_service(s)?);
     }
     let (controller, views) = endpointslice::start(cluster.clone(), ports.clone(), cfg.lag);
-    let mut proxies = Proxies { list: Vec::new(), endpoints: controller };
     let mut dns = Vec::new();
     let mut cluster_ips = std::collections::BTreeMap::new();
-    for (sp, view) in ports.into_iter().zip(views) {
+    let mut proxies = Vec::new();
+    let mut kernel_ports = Vec::new();
+    let mut next_node_port = 30000u16;
+    for (sp, view) in ports.into_iter().zip(views.iter().cloned()) {
         let base = sp.service.clone();
         let ip = match cluster_ips.get(&base) {
             Some(ip) => *ip,
@@ -166,53 +300,75 @@ async fn start_services(
                 ip
             }
         };
-        let proxy = ServiceProxy::start(&sp.label(), std::net::SocketAddr::new(ip, sp.port), view, cluster.clone())
-            .await
-            .with_context(|| format!("Service/{base}: binding its proxy on {ip}:{}", sp.port))?;
         let svc = manifest.services.iter().find(|s| s.metadata.name.as_deref() == Some(base.as_str()));
-        let port_name = svc
+        let svc_port = svc
             .and_then(|s| s.spec.as_ref())
             .and_then(|s| s.ports.as_ref())
-            .and_then(|ps| ps.iter().find(|p| p.port == i32::from(sp.port)))
-            .and_then(|p| p.name.clone());
-        dns.push(ServiceDns {
-            name: base,
-            namespace: sp.namespace.clone(),
-            port: sp.port,
-            port_name,
-            proxy: proxy.addr,
-        });
-        proxies.list.push((sp, proxy));
+            .and_then(|ps| ps.iter().find(|p| p.port == i32::from(sp.port)));
+        let port_name = svc_port.and_then(|p| p.name.clone());
+        let addr = match env {
+            NodeEnv::Process => {
+                let proxy = ServiceProxy::start(&sp.label(), SocketAddr::new(ip, sp.port), view, cluster.clone())
+                    .await
+                    .with_context(|| format!("Service/{base}: binding its proxy on {ip}:{}", sp.port))?;
+                let addr = proxy.addr;
+                proxies.push((sp.clone(), proxy));
+                addr
+            }
+            NodeEnv::Kernel(_) => {
+                let std::net::IpAddr::V4(v4) = ip else { bail!("Service/{base}: ClusterIP {ip} is not IPv4") };
+                let exposed = matches!(
+                    svc.and_then(|s| s.spec.as_ref()).and_then(|s| s.type_.as_deref()),
+                    Some("NodePort") | Some("LoadBalancer")
+                );
+                let node_port = exposed.then(|| {
+                    svc_port.and_then(|p| p.node_port).and_then(|n| u16::try_from(n).ok()).unwrap_or_else(|| {
+                        next_node_port += 1;
+                        next_node_port - 1
+                    })
+                });
+                kernel_ports.push(KernelPort { port: sp.clone(), cluster_ip: v4, node_port });
+                SocketAddr::new(ip, sp.port)
+            }
+        };
+        dns.push(ServiceDns { name: base, namespace: sp.namespace.clone(), port: sp.port, port_name, proxy: addr });
     }
-    Ok((proxies, dns))
+    let net = match env {
+        NodeEnv::Process => ServiceNet::Proxies(proxies),
+        NodeEnv::Kernel(k) => ServiceNet::Kernel(KernelProxy::start(k.node.clone(), kernel_ports, views).await?),
+    };
+    Ok((Services { net, endpoints: controller }, dns))
 }
 
 /// The run's result: every failed request attributed (spans, proxy records, pods), the summary,
 /// the timeline picture written beside the pod logs.
 fn report(
     cfg: &RunConfig,
+    env: &NodeEnv,
     cluster: &Cluster,
-    proxies: &Proxies,
+    services: &Services,
     entry: &str,
     driven: Driven,
     spans: Vec<crate::otlp_receiver::SpanRecord>,
 ) -> Result<RunResult> {
     let Driven { requests, windows, end: run_end, k6 } = driven;
     let pods = cluster.pods();
-    let entry_records =
-        proxies.list.iter().filter(|(sp, _)| sp.service == entry).flat_map(|(_, p)| p.log.records()).collect();
-    let inner = proxies
-        .list
+    let entry_records = services.records(entry, &pods, cluster);
+    let names: Vec<String> = services.names().into_iter().filter(|n| n != entry).collect();
+    let inner = names
         .iter()
-        .filter(|(sp, _)| sp.service != entry)
-        .map(|(_, p)| ProxyRecords { service: &p.service, records: p.log.records() })
+        .map(|n| ProxyRecords {
+            service: n.as_str(),
+            records: services.records(n, &pods, cluster),
+            late_ms: services.late_ms(),
+        })
         .collect();
     let attribution = attribution::attribute(&Inputs {
         clock: &cluster.clock,
         requests: &requests,
         spans: &spans,
         pods: &pods,
-        entry: ProxyRecords { service: entry, records: entry_records },
+        entry: ProxyRecords { service: entry, records: entry_records, late_ms: services.late_ms() },
         inner,
     });
     let groups = attribution::groups(&attribution.items);
@@ -221,8 +377,17 @@ fn report(
         None => result::summarize(&requests, &windows),
     };
     let timeline_path = cfg.run_dir.join("timeline.svg");
+    let datapath = match &services.net {
+        ServiceNet::Proxies(_) => None,
+        ServiceNet::Kernel(k) => Some(result::Datapath {
+            nft: k.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            conntrack_warnings: k.warnings(),
+        }),
+    };
     let mut result = RunResult {
         name: cfg.name.clone(),
+        node: env.describe().to_string(),
+        datapath,
         endpoint_lag_ms: ms(cfg.lag),
         rate: cfg.rate,
         summary,
@@ -258,12 +423,14 @@ enum LoadSource {
     K6(Box<K6Run>),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: &RunConfig,
+    env: &NodeEnv,
     cluster: &Arc<Cluster>,
     factory: &PodFactory,
     ctls: &mut [DeploymentCtl],
-    proxies: &Proxies,
+    services: &Services,
     entry: &str,
     progress: &Progress,
 ) -> Result<Driven> {
@@ -273,14 +440,13 @@ async fn drive(
         r?;
     }
     progress.phase("waiting for endpoints");
-    proxies.endpoints.converged(cluster, cfg.lag + Duration::from_secs(5)).await;
+    services.endpoints.converged(cluster, cfg.lag + Duration::from_secs(5)).await;
 
-    let (_, entry_proxy) =
-        proxies.list.iter().find(|(sp, _)| sp.service == entry).context("the entry Service has no port")?;
+    let target = services.entry_addr(entry).context("the entry Service has no port")?;
     let run_started = tokio::time::Instant::now();
-    let source = start_load(cfg, cluster, entry_proxy, entry, progress).await?;
+    let source = start_load(cfg, env, cluster, target, services.proxy_log(entry), entry, progress).await?;
     let rollout_phase_start = tokio::time::Instant::now();
-    let (mut windows, failure) = roll(cfg, cluster, factory, ctls, proxies, progress).await;
+    let (mut windows, failure) = roll(cfg, cluster, factory, ctls, services, progress).await;
     let (requests, k6) =
         match finish_load(cfg, source, failure.is_none(), run_started, rollout_phase_start, progress).await {
             Ok(done) => done,
@@ -296,26 +462,34 @@ async fn drive(
 /// Starts the load and waits out its warmup.
 async fn start_load(
     cfg: &RunConfig,
+    env: &NodeEnv,
     cluster: &Cluster,
-    entry_proxy: &ServiceProxy,
+    target: SocketAddr,
+    proxy_log: Option<Arc<ProxyLog>>,
     entry: &str,
     progress: &Progress,
 ) -> Result<LoadSource> {
     Ok(match &cfg.k6 {
         None => {
-            let load = generator::start(
-                LoadConfig {
-                    target: entry_proxy.addr,
-                    host: entry.to_string(),
-                    path: cfg.path.clone(),
-                    rate: cfg.rate,
-                    timeout: cfg.timeout,
-                    max_in_flight: cfg.max_in_flight,
-                    pool_idle: Duration::from_secs(3),
-                },
-                cluster.clock,
-                Some(entry_proxy.log.clone()),
-            );
+            let load_cfg = LoadConfig {
+                target,
+                host: entry.to_string(),
+                path: cfg.path.clone(),
+                rate: cfg.rate,
+                timeout: cfg.timeout,
+                max_in_flight: cfg.max_in_flight,
+                pool_idle: Duration::from_secs(3),
+            };
+            let clock = cluster.clock;
+            let load = match env {
+                NodeEnv::Process => generator::start(load_cfg, clock, proxy_log),
+                // Started on the client namespace's runtime: its sockets are the client's.
+                NodeEnv::Kernel(k) => k
+                    .client
+                    .spawn(async move { generator::start(load_cfg, clock, proxy_log) })
+                    .await
+                    .context("starting the load generator in the client namespace")?,
+            };
             progress.load(load.stats.clone());
             progress.phase("warmup");
             tokio::time::sleep(cfg.warmup).await;
@@ -326,7 +500,7 @@ async fn start_load(
                 K6Config {
                     bin: k.bin.clone(),
                     script: k.script.clone(),
-                    frontend_url: format!("http://{}", entry_proxy.addr),
+                    frontend_url: format!("http://{target}"),
                     path: cfg.path.clone(),
                     rate: cfg.rate,
                     warmup: cfg.warmup,
@@ -334,6 +508,10 @@ async fn start_load(
                     cooldown: cfg.cooldown,
                     timeout: cfg.timeout,
                     run_dir: cfg.run_dir.clone(),
+                    netns: match env {
+                        NodeEnv::Process => None,
+                        NodeEnv::Kernel(k) => Some(k.client_netns.clone()),
+                    },
                 },
                 cluster.clock,
             )
@@ -353,7 +531,7 @@ async fn roll(
     cluster: &Cluster,
     factory: &PodFactory,
     ctls: &mut [DeploymentCtl],
-    proxies: &Proxies,
+    services: &Services,
     progress: &Progress,
 ) -> (Vec<RolloutWindow>, Option<anyhow::Error>) {
     let mut windows = Vec::new();
@@ -387,7 +565,7 @@ async fn roll(
         if failure.is_none() {
             // The rollout is over for clients once the proxies have caught up with it.
             progress.phase(&format!("rollout {}/{}: proxies catching up", index + 1, cfg.rollouts));
-            proxies.endpoints.converged(cluster, cfg.lag + cfg.sandbox_teardown + Duration::from_secs(5)).await;
+            services.endpoints.converged(cluster, cfg.lag + cfg.sandbox_teardown + Duration::from_secs(5)).await;
         }
         windows.push(RolloutWindow {
             index,

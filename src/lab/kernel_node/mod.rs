@@ -5,8 +5,8 @@
 //! namespace, so no thread has to be moved between namespaces, and a failure reads as the
 //! command a person would type; rtnetlink would add an async netlink stack for a few dozen calls
 //! per lab. nftables rules are generated from a typed table and applied with one `nft -f -`.
-//! `graceful lab --node kernel` is not wired to this yet.
 
+pub mod conntrack;
 pub mod from_lab;
 pub mod netns;
 pub mod nft_ruleset;

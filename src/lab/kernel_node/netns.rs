@@ -48,6 +48,54 @@ impl Netns {
         Ok(cmd)
     }
 
+    /// Makes `cmd` start inside this namespace (a container's process, or a command "exec"ed
+    /// into the pod). The namespace file is opened now and held by the command until it runs.
+    pub fn enter_on_exec(&self, cmd: &mut Command) -> Result<()> {
+        let file = self.open()?;
+        // SAFETY: setns on an fd opened before fork: a system call, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = BorrowedFd::borrow_raw(file.as_raw_fd());
+                setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves the calling thread into this namespace; threads it starts afterwards are born
+    /// there (the lab's runtime, on the kernel node).
+    pub fn enter_this_thread(&self) -> Result<()> {
+        let file = self.open()?;
+        setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering network namespace `{}`", self.name))
+    }
+
+    /// A tokio runtime whose threads all live in this namespace: sockets its tasks open belong
+    /// to it (the load generator in the client namespace). Build it outside any runtime.
+    pub fn runtime(&self, threads: usize) -> Result<tokio::runtime::Runtime> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::sync::Arc::new(self.open()?);
+        let inode = file.metadata()?.ino();
+        let entered = file.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(threads)
+            .enable_all()
+            .thread_name(format!("netns-{}", self.name))
+            .on_thread_start(move || {
+                // Checked below: a thread that could not enter is seen on the first task.
+                let _ = setns(&*entered, CloneFlags::CLONE_NEWNET);
+            })
+            .build()
+            .with_context(|| format!("starting a runtime in network namespace `{}`", self.name))?;
+        let seen = rt
+            .block_on(rt.spawn(async { std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()) }))
+            .map_err(|e| anyhow!("{e}"))??;
+        if seen != inode {
+            anyhow::bail!("the runtime's threads did not enter network namespace `{}`", self.name);
+        }
+        Ok(rt)
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace: sockets it creates belong
     /// to the namespace for their whole life, whichever thread uses them later.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {

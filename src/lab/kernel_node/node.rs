@@ -91,13 +91,34 @@ impl Node {
         Ok(Node { netns: node, client, ipam, next_sandbox: 1, sandboxes: BTreeMap::new() })
     }
 
-    /// A pod's sandbox, created before its containers start (CNI ADD).
+    /// A pod's sandbox with the next address of the pod CIDR.
     pub fn create_sandbox(&mut self) -> Result<Sandbox> {
+        let ip = self.ipam.allocate()?;
+        self.create_sandbox_at(ip)
+    }
+
+    /// The next free address of the pod CIDR (host-local IPAM), for a sandbox to come.
+    pub fn allocate_ip(&mut self) -> Result<Ipv4Addr> {
+        self.ipam.allocate()
+    }
+
+    /// Gives an address back to the pod CIDR.
+    pub fn release_ip(&mut self, ip: Ipv4Addr) {
+        self.ipam.release(ip);
+    }
+
+    /// The pods' gateway: the bridge's address, where node-local servers are reached from pods.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.ipam.gateway()
+    }
+
+    /// A pod's sandbox at an address already allocated to it, created before its containers
+    /// start (CNI ADD). On failure the address is released.
+    pub fn create_sandbox_at(&mut self, ip: Ipv4Addr) -> Result<Sandbox> {
         let id = SandboxId(self.next_sandbox);
         self.next_sandbox += 1;
         let netns = Netns::new(format!("pod-{}", id.0));
         let veth = format!("veth{}", id.0);
-        let ip = self.ipam.allocate()?;
         let gateway = self.ipam.gateway().to_string();
         let address = format!("{ip}/{}", self.ipam.prefix());
         let made = (|| -> Result<()> {
@@ -143,6 +164,23 @@ impl Node {
             let _ = ip_in(&self.netns, &["neigh", "flush", "to", &sandbox.ip.to_string(), "dev", BRIDGE]);
         }
         self.ipam.release(sandbox.ip);
+        Ok(())
+    }
+
+    /// Forgets every tracked connection (a new run starts on a fresh node: an entry left from
+    /// the last one would steer a new connection from a reused client port to its old pod).
+    pub fn flush_conntrack(&self) -> Result<()> {
+        let mut cmd = Command::new("conntrack");
+        cmd.arg("-F");
+        tool::run(self.netns.command(cmd)?, None).map(drop).context("flushing the node's conntrack table")
+    }
+
+    /// Tears down every sandbox left (the end of a run).
+    pub fn teardown_all(&mut self, dead_pod: DeadPod) -> Result<()> {
+        let ids: Vec<SandboxId> = self.sandboxes.keys().copied().collect();
+        for id in ids {
+            self.teardown_sandbox(id, dead_pod)?;
+        }
         Ok(())
     }
 

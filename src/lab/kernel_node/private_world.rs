@@ -56,6 +56,27 @@ pub fn probe() -> Result<Isolation> {
     Ok(Isolation::for_this_process())
 }
 
+/// Whether this machine can run the kernel node: the tools it drives, the bridge netfilter
+/// module, and a private world. The error is one line naming what is missing.
+pub fn check_host() -> Result<Isolation> {
+    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")] {
+        let found = Command::new(tool)
+            .arg(if tool == "conntrack" { "--version" } else { "-V" })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            anyhow::bail!("`{tool}` is missing (apt-get install {package})");
+        }
+    }
+    // Loading a module changes the host: the lab only uses it when it is there.
+    if !Path::new("/proc/sys/net/bridge").exists() {
+        anyhow::bail!("the br_netfilter module is not loaded (modprobe br_netfilter)");
+    }
+    probe()
+}
+
 /// One line of /proc/self/uid_map or gid_map, "0 <id> 1" (the caller is root inside),
 /// formatted on the stack.
 struct IdMapLine {

@@ -312,6 +312,10 @@ fn classify_error(rec: &RequestRecord, e: &HttpError, proxy: Option<&ProxyLog>, 
     };
     match e {
         HttpError::Connect(io) if io.kind() == std::io::ErrorKind::TimedOut => Outcome::Timeout,
+        // The kernel's own verdicts (the kernel node): no route to the pod's address.
+        HttpError::Connect(io) if matches!(io.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH)) => {
+            Outcome::Unreachable
+        }
         // Accepted and reset at once by the proxy: still a refusal.
         HttpError::Connect(_) => match proxy_said() {
             Some(ProxyOutcome::Blackholed) => Outcome::Unreachable,

@@ -76,6 +76,8 @@ pub struct K6Config {
     pub cooldown: Duration,
     pub timeout: Duration,
     pub run_dir: PathBuf,
+    /// The network namespace k6 runs in (the kernel node's client); None: this one.
+    pub netns: Option<crate::lab::kernel_node::netns::Netns>,
 }
 
 impl K6Config {
@@ -360,6 +362,9 @@ impl K6Run {
         let _ = std::fs::remove_file(cfg.summary_path());
         let _ = std::fs::remove_file(cfg.samples_path());
         let mut command = Command::new(&cfg.bin);
+        if let Some(ns) = &cfg.netns {
+            ns.enter_on_exec(command.as_std_mut())?;
+        }
         crate::lab::node::run_group::join(&mut command);
         let mut child = command
             .args(&args)

@@ -203,6 +203,19 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// The source address the kernel routes `to` from (a UDP connect sends nothing), port 0; the
+/// unspecified address when there is no route (the connect then fails and says so).
+fn routed_source(to: SocketAddr) -> SocketAddr {
+    let unspecified: SocketAddr = match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    };
+    std::net::UdpSocket::bind(unspecified)
+        .and_then(|u| u.connect(to).and_then(|_| u.local_addr()))
+        .map(|a| SocketAddr::new(a.ip(), 0))
+        .unwrap_or(unspecified)
+}
+
 impl Conn {
     pub async fn connect(addr: SocketAddr) -> Result<Conn, HttpError> {
         Conn::connect_traced(addr).await.1
@@ -219,11 +232,12 @@ impl Conn {
             Ok(s) => s,
             Err(e) => return (None, Err(HttpError::Connect(e))),
         };
-        // Loopback targets: bind the loopback source the kernel would pick anyway.
+        // Bind the source address the kernel would pick anyway (by route), so the socket's
+        // full address is known even when the connect fails (the kernel node's records are
+        // keyed by it).
         let source: SocketAddr = match addr {
             SocketAddr::V4(a) if a.ip().is_loopback() => "127.0.0.1:0".parse().unwrap(),
-            SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
-            SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+            _ => routed_source(addr),
         };
         if let Err(e) = socket.bind(source) {
             return (None, Err(HttpError::Connect(e)));

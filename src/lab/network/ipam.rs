@@ -1,6 +1,8 @@
-//! Addresses: each pod gets its own loopback IP (127.0.10.x, as if it had its own network
-//! namespace) and each Service its own "ClusterIP" (127.0.9.x). Where only 127.0.0.1 works
-//! (macOS without aliases), everything shares it and ports are remapped instead.
+//! Addresses. On the kernel node (`Mode::Kernel`) pods get real addresses from the node's pod
+//! CIDR (10.244.0.0/24, each in its own network namespace) and Services ClusterIPs from
+//! 10.96.0.0/12. On the process node each pod gets its own loopback IP (127.0.10.x, as if it had
+//! its own network namespace) and each Service its own "ClusterIP" (127.0.9.x); where only
+//! 127.0.0.1 works (macOS without aliases), everything shares it and ports are remapped instead.
 //!
 //! Addresses are never reused within one lab process: a socket left in TIME_WAIT by one run
 //! must not collide with the next run's pod. Labs running side by side (parallel tests, CI next
@@ -11,6 +13,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::lab::kernel_node::node::Node;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -18,6 +23,8 @@ pub enum Mode {
     PerIp,
     /// Only 127.0.0.1: distinct ports stand in for distinct addresses.
     SharedLoopback,
+    /// The kernel node: pod CIDR and Service CIDR addresses, each pod in its own namespace.
+    Kernel,
 }
 
 #[derive(Debug)]
@@ -29,6 +36,8 @@ pub struct Net {
     next_svc: AtomicU32,
     /// Held for the lab's life: other labs see the block as taken.
     _claim: Option<TcpListener>,
+    /// `Mode::Kernel`: the node whose pod CIDR hands out pod addresses.
+    node: Option<Arc<Mutex<Node>>>,
 }
 
 /// The sentinel that marks a block as taken.
@@ -39,8 +48,11 @@ const CLAIM_PORT: u16 = 65001;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodNet {
     pub ip: IpAddr,
-    /// container port -> host port; identity in `PerIp` mode.
+    /// container port -> host port; identity in `PerIp` and `Kernel` modes.
     ports: BTreeMap<u16, u16>,
+    /// The pod has a network namespace of its own (kernel node): it listens on 0.0.0.0 as its
+    /// manifest says and reaches itself on 127.0.0.1, so nothing is rewritten.
+    pub own_netns: bool,
 }
 
 impl PodNet {
@@ -79,7 +91,12 @@ impl Net {
 
     /// Unclaimed: for tests, which use blocks above those `detect` hands out.
     pub fn in_block(mode: Mode, block: u8) -> Net {
-        Net { mode, block, next_pod: AtomicU32::new(0), next_svc: AtomicU32::new(0), _claim: None }
+        Net { mode, block, next_pod: AtomicU32::new(0), next_svc: AtomicU32::new(0), _claim: None, node: None }
+    }
+
+    /// The kernel node's addresses: pods from its pod CIDR, ClusterIPs from the Service CIDR.
+    pub fn kernel(node: Arc<Mutex<Node>>) -> Net {
+        Net { node: Some(node), ..Net::in_block(Mode::Kernel, 0) }
     }
 
     /// A fresh pod address; `container_ports` are those the pod will listen on.
@@ -93,7 +110,7 @@ impl Net {
                     let host = if TcpListener::bind((ip, *p)).is_ok() { *p } else { free_port(ip)? };
                     ports.insert(*p, host);
                 }
-                Ok(PodNet { ip, ports })
+                Ok(PodNet { ip, ports, own_netns: false })
             }
             Mode::SharedLoopback => {
                 let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -101,7 +118,13 @@ impl Net {
                 for p in container_ports {
                     ports.insert(*p, free_port(ip)?);
                 }
-                Ok(PodNet { ip, ports })
+                Ok(PodNet { ip, ports, own_netns: false })
+            }
+            Mode::Kernel => {
+                let node = self.node.as_ref().ok_or_else(|| std::io::Error::other("kernel mode without a node"))?;
+                let ip = node.lock().unwrap_or_else(|e| e.into_inner()).allocate_ip().map_err(std::io::Error::other)?;
+                let ports = container_ports.iter().map(|p| (*p, *p)).collect();
+                Ok(PodNet { ip: IpAddr::V4(ip), ports, own_netns: true })
             }
         }
     }
@@ -116,6 +139,14 @@ impl Net {
                     .ok_or_else(|| std::io::Error::other("ClusterIPs exhausted"))
             }
             Mode::SharedLoopback => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Mode::Kernel => {
+                // 10.96.0.1 is the API server's in a cluster; Services here start at .10.
+                let n = self.next_svc.fetch_add(1, Ordering::Relaxed);
+                let host = 10 + n;
+                (host < 254)
+                    .then(|| IpAddr::V4(Ipv4Addr::new(10, 96, 0, host as u8)))
+                    .ok_or_else(|| std::io::Error::other("ClusterIPs exhausted"))
+            }
         }
     }
 }

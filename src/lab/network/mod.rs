@@ -3,6 +3,7 @@
 pub mod dns;
 pub mod http_client;
 pub mod ipam;
+pub mod kernel_proxy;
 pub mod service_proxy;
 
 /// For unit tests: an HTTP/1.1 server on 127.0.0.1 that answers every request on a keep-alive

@@ -49,6 +49,8 @@ pub enum End {
     PodClosed,
     ClientReset,
     PodReset,
+    /// A FIN or RST from one side or the other: conntrack (the kernel node) does not say which.
+    Closed,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::lab::api::cluster::{Cluster, EventKind, Pod};
+use crate::lab::kernel_node::node::{DeadPod, Node, Sandbox, SandboxId};
 use crate::lab::network::dns::ServiceDns;
 use crate::lab::node::pod_spec::{self, ContainerPlan, PodContext, ProbePlan};
 use crate::lab::node::prober::{self, Thresholds};
@@ -42,6 +43,42 @@ pub struct NodeConfig {
     pub otlp_endpoint: Option<String>,
     /// Container exit → pod sandbox (and its address) torn down.
     pub sandbox_teardown: Duration,
+    /// Pod creation → container start: what sandbox creation, the runtime and the kubelet's
+    /// status sync take on a real node, on top of what the real work here costs.
+    pub pod_start: Duration,
+    /// The kernel node whose sandboxes the pods run in; None: pods share the host's network.
+    pub sandboxes: Option<Sandboxes>,
+    /// When this kubelet started: probe workers of pods found within one period of it start
+    /// after a random part of the period, as the kubelet's do after a restart.
+    pub started: tokio::time::Instant,
+}
+
+/// The kernel node's pod network, as the kubelet drives it through CNI ADD and DEL.
+#[derive(Clone)]
+pub struct Sandboxes {
+    pub node: Arc<std::sync::Mutex<Node>>,
+    pub dead_pod: DeadPod,
+}
+
+impl Sandboxes {
+    /// CNI ADD for `pod`, at the address its PodNet holds.
+    async fn add(&self, pod: &str, ip: std::net::IpAddr) -> anyhow::Result<Sandbox> {
+        let std::net::IpAddr::V4(ip) = ip else { anyhow::bail!("pod {pod}: {ip} is not IPv4") };
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.lock().unwrap_or_else(|e| e.into_inner()).create_sandbox_at(ip))
+            .await
+            .context("the sandbox task panicked")?
+    }
+
+    /// CNI DEL.
+    async fn del(&self, id: SandboxId) -> anyhow::Result<()> {
+        let (node, dead_pod) = (self.node.clone(), self.dead_pod);
+        tokio::task::spawn_blocking(move || {
+            node.lock().unwrap_or_else(|e| e.into_inner()).teardown_sandbox(id, dead_pod)
+        })
+        .await
+        .context("the sandbox task panicked")?
+    }
 }
 
 impl NodeConfig {
@@ -96,7 +133,13 @@ async fn sync_pods(cluster: Arc<Cluster>, node: NodeConfig) {
             match node.plan(&pod) {
                 Ok(plan) => {
                     let log = node.log_path(&pod.name);
-                    workers.spawn(worker(cluster.clone(), pod.name, Arc::new(plan), log, node.sandbox_teardown));
+                    let pod_node = PodNode {
+                        sandbox_teardown: node.sandbox_teardown,
+                        pod_start: node.pod_start,
+                        sandboxes: node.sandboxes.clone(),
+                        kubelet_started: node.started,
+                    };
+                    workers.spawn(worker(cluster.clone(), pod.name, plan, log, pod_node));
                 }
                 Err(e) => {
                     cluster.update_pod(&pod.name, |p| p.config_error = Some(format!("{e:#}")));
@@ -150,19 +193,28 @@ struct Probes {
     kills: mpsc::UnboundedReceiver<(Duration, String)>,
 }
 
-fn start_probes(cluster: &Arc<Cluster>, name: &str, plan: &Arc<ContainerPlan>, log: &std::path::Path) -> Probes {
+fn start_probes(
+    cluster: &Arc<Cluster>,
+    name: &str,
+    plan: &Arc<ContainerPlan>,
+    log: &std::path::Path,
+    kubelet_started: tokio::time::Instant,
+) -> Probes {
+    let container_started = tokio::time::Instant::now();
+    let clock = move |p: &ProbePlan| ProbeClock::new(p, container_started, kubelet_started);
     let (kill_tx, kills) = mpsc::unbounded_channel::<(Duration, String)>();
     let (started_tx, started_rx) = watch::channel(plan.startup.is_none());
     let mut readiness = JoinSet::new();
     let (name, log) = (name.to_string(), log.to_path_buf());
     if let Some(p) = plan.startup.clone() {
         let (c, n, pl, l) = (cluster.clone(), name.clone(), plan.clone(), log.clone());
-        readiness.spawn(startup_probe(c, n, p, pl, l, started_tx, kill_tx.clone()));
+        readiness.spawn(startup_probe(c, n, clock(&p), p, pl, l, started_tx, kill_tx.clone()));
     }
     if let Some(p) = plan.readiness.clone() {
         readiness.spawn(readiness_probe(
             cluster.clone(),
             name.clone(),
+            clock(&p),
             p,
             plan.clone(),
             log.clone(),
@@ -172,10 +224,10 @@ fn start_probes(cluster: &Arc<Cluster>, name: &str, plan: &Arc<ContainerPlan>, l
         // No readiness probe: Ready as soon as the container has started.
         readiness.spawn(ready_when_started(cluster.clone(), name.clone(), started_rx.clone()));
     }
-    let liveness = plan
-        .liveness
-        .clone()
-        .map(|p| AbortOnDropHandle::new(tokio::spawn(liveness_probe(p, plan.clone(), log, started_rx, kill_tx))));
+    let liveness = plan.liveness.clone().map(|p| {
+        let c = clock(&p);
+        AbortOnDropHandle::new(tokio::spawn(liveness_probe(c, p, plan.clone(), log, started_rx, kill_tx)))
+    });
     Probes { _readiness: readiness, liveness, kills }
 }
 
@@ -187,14 +239,71 @@ enum Ended {
     Exited(String),
 }
 
-async fn worker(
-    cluster: Arc<Cluster>,
-    name: String,
-    plan: Arc<ContainerPlan>,
-    log: PathBuf,
+/// What the node gives one pod's worker.
+#[derive(Clone)]
+struct PodNode {
     sandbox_teardown: Duration,
-) {
+    pod_start: Duration,
+    sandboxes: Option<Sandboxes>,
+    kubelet_started: tokio::time::Instant,
+}
+
+async fn worker(cluster: Arc<Cluster>, name: String, mut plan: ContainerPlan, log: PathBuf, node: PodNode) {
     let mut deleted = Deletion::new(cluster.clone(), name.clone());
+    // The sandbox comes first (CNI ADD): the container joins its network namespace.
+    let sandbox = match (&node.sandboxes, cluster.pod(&name)) {
+        (Some(sandboxes), Some(pod)) => match sandboxes.add(&name, pod.ip).await {
+            Ok(sb) => {
+                plan.netns = Some(sb.netns.clone());
+                Some(sb)
+            }
+            Err(e) => {
+                cluster.event(&name, EventKind::Exited, format!("failed to create the pod sandbox: {e:#}"));
+                cluster.update_pod(&name, |p| p.config_error = Some(format!("{e:#}")));
+                return;
+            }
+        },
+        _ => None,
+    };
+    let plan = Arc::new(plan);
+    // The rest of a real pod start (runtime, image already present, status sync).
+    let deleted_while_starting = tokio::select! {
+        _ = tokio::time::sleep(node.pod_start) => false,
+        _ = deleted.wait() => true,
+    };
+    if !deleted_while_starting {
+        run_containers(&cluster, &name, &plan, &log, &mut deleted, node.kubelet_started).await;
+    }
+    // The sandbox (and the pod's address) goes away a moment after the last container.
+    let gone_at = cluster.clock.now() + node.sandbox_teardown;
+    cluster.update_pod(&name, |p| {
+        p.running = false;
+        p.ready = false;
+        p.gone = Some(gone_at);
+        if p.deleted.is_none() {
+            p.deleted = Some(cluster.clock.now());
+        }
+    });
+    if let (Some(sandboxes), Some(sb)) = (node.sandboxes, sandbox) {
+        tokio::time::sleep(node.sandbox_teardown).await;
+        let detail = match sandboxes.del(sb.id).await {
+            Ok(()) => format!("sandbox torn down; its address {} now {:?}", sb.ip, sandboxes.dead_pod),
+            Err(e) => format!("sandbox teardown failed: {e:#}"),
+        };
+        cluster.event(&name, EventKind::Gone, detail);
+    }
+}
+
+/// The container's runs, restarts included, until the pod is deleted (or the worker aborted).
+async fn run_containers(
+    cluster: &Arc<Cluster>,
+    name: &str,
+    plan: &Arc<ContainerPlan>,
+    log: &std::path::Path,
+    deleted: &mut Deletion,
+    kubelet_started: tokio::time::Instant,
+) {
+    let (cluster, name, plan, log) = (cluster.clone(), name.to_string(), plan.clone(), log.to_path_buf());
     let mut restarts: u32 = 0;
     loop {
         if deleted.requested() {
@@ -204,7 +313,7 @@ async fn worker(
             Ok(c) => c,
             Err(e) => {
                 cluster.event(&name, EventKind::Exited, format!("failed to start: {e}"));
-                if backoff(&mut deleted, restarts).await {
+                if backoff(deleted, restarts).await {
                     break;
                 }
                 restarts += 1;
@@ -220,7 +329,7 @@ async fn worker(
         });
         cluster.event(&name, EventKind::ContainerStarted, format!("pid {}", child.id().unwrap_or(0)));
 
-        let mut probes = start_probes(&cluster, &name, &plan, &log);
+        let mut probes = start_probes(&cluster, &name, &plan, &log, kubelet_started);
 
         let ended = tokio::select! {
             s = child.wait() => Ended::Exited(s.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())),
@@ -253,22 +362,12 @@ async fn worker(
         if deleted.requested() {
             break;
         }
-        if backoff(&mut deleted, restarts).await {
+        if backoff(deleted, restarts).await {
             break;
         }
         restarts += 1;
         cluster.event(&name, EventKind::Restarting, format!("restart {restarts}"));
     }
-    // The sandbox (and the pod's address) goes away a moment after the last container.
-    let gone_at = cluster.clock.now() + sandbox_teardown;
-    cluster.update_pod(&name, |p| {
-        p.running = false;
-        p.ready = false;
-        p.gone = Some(gone_at);
-        if p.deleted.is_none() {
-            p.deleted = Some(cluster.clock.now());
-        }
-    });
 }
 
 /// Sleeps the CrashLoopBackOff for restart number `restarts` (0 = none); true if the pod was
@@ -312,7 +411,7 @@ async fn terminate(
         cluster.event(name, EventKind::PreStopStarted, "");
         let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
-            r = prober::run(hook, budget, &plan.env, log) => match r {
+            r = prober::run(hook, budget, &plan.env, log, plan.netns.as_ref()) => match r {
                 Ok(()) => cluster.event(name, EventKind::PreStopFinished, ""),
                 Err(e) => {
                     let overran = tokio::time::Instant::now() >= deadline;
@@ -350,17 +449,50 @@ async fn terminate(
     cluster.event(name, EventKind::Exited, how);
 }
 
-/// The probe worker's clock: the initial delay, then once per period.
-async fn ticker(plan: &ProbePlan) -> tokio::time::Interval {
-    tokio::time::sleep(plan.initial_delay).await;
-    let mut tick = tokio::time::interval(plan.period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
+/// A probe worker's clock, as the kubelet's: one tick per period from the worker's start, the
+/// ticks before the initial delay (counted from the container's start) probing nothing. A
+/// kubelet that started less than a period ago first waits a random part of the period, so
+/// the probes of the pods it finds do not all fire together.
+struct ProbeClock {
+    period: Duration,
+    initial_delay: Duration,
+    container_started: tokio::time::Instant,
+    jitter: Duration,
+    tick: Option<tokio::time::Interval>,
 }
 
+impl ProbeClock {
+    fn new(p: &ProbePlan, container_started: tokio::time::Instant, kubelet_started: tokio::time::Instant) -> Self {
+        let jitter =
+            if kubelet_started.elapsed() < p.period { p.period.mul_f64(rand::random::<f64>()) } else { Duration::ZERO };
+        ProbeClock { period: p.period, initial_delay: p.initial_delay, container_started, jitter, tick: None }
+    }
+
+    /// Waits for the next tick at which the probe runs.
+    async fn next(&mut self) {
+        let tick = match &mut self.tick {
+            Some(t) => t,
+            None => {
+                tokio::time::sleep(self.jitter).await;
+                let mut t = tokio::time::interval(self.period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                self.tick.insert(t)
+            }
+        };
+        loop {
+            tick.tick().await;
+            if self.container_started.elapsed() >= self.initial_delay {
+                return;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn startup_probe(
     cluster: Arc<Cluster>,
     name: String,
+    mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
     log: PathBuf,
@@ -368,10 +500,9 @@ async fn startup_probe(
     kill: mpsc::UnboundedSender<(Duration, String)>,
 ) {
     let mut t = Thresholds::new(1, p.failure_threshold, false);
-    let mut tick = ticker(&p).await;
     loop {
-        tick.tick().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
+        clock.next().await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
         t.record(r.is_ok());
         if t.result() {
             cluster.update_pod(&name, |pod| pod.started = true);
@@ -389,6 +520,7 @@ async fn startup_probe(
 async fn readiness_probe(
     cluster: Arc<Cluster>,
     name: String,
+    mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
     log: PathBuf,
@@ -398,10 +530,9 @@ async fn readiness_probe(
         return;
     }
     let mut t = Thresholds::new(p.success_threshold, p.failure_threshold, false);
-    let mut tick = ticker(&p).await;
     loop {
-        tick.tick().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
+        clock.next().await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
         if let Some(ready) = t.record(r.is_ok()) {
             let now = cluster.clock.now();
             cluster.update_pod(&name, |pod| {
@@ -426,6 +557,7 @@ async fn ready_when_started(cluster: Arc<Cluster>, name: String, mut started: wa
 }
 
 async fn liveness_probe(
+    mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
     log: PathBuf,
@@ -436,10 +568,9 @@ async fn liveness_probe(
         return;
     }
     let mut t = Thresholds::new(p.success_threshold, p.failure_threshold, true);
-    let mut tick = ticker(&p).await;
     loop {
-        tick.tick().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log).await;
+        clock.next().await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
         if t.record(r.is_ok()) == Some(false) {
             let why = format!("liveness probe failed: {}", r.err().unwrap_or_default());
             let _ = kill.send((p.grace.unwrap_or(plan.grace), why));
@@ -471,6 +602,7 @@ mod tests {
             grace: Duration::from_millis(grace_ms),
             named_ports: Default::default(),
             container_ports: vec![],
+            netns: None,
         }
     }
 
@@ -506,6 +638,9 @@ mod tests {
             services: vec![],
             otlp_endpoint: None,
             sandbox_teardown: Duration::from_millis(100),
+            pod_start: Duration::ZERO,
+            sandboxes: None,
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -572,8 +707,13 @@ mod tests {
 
     /// A worker for pod `p`, as the kubelet's sync loop starts it.
     fn run(cluster: &Arc<Cluster>, plan: ContainerPlan, log: PathBuf) -> AbortOnDropHandle<()> {
-        let teardown = Duration::from_millis(100);
-        AbortOnDropHandle::new(tokio::spawn(worker(cluster.clone(), "p".into(), Arc::new(plan), log, teardown)))
+        let node = PodNode {
+            sandbox_teardown: Duration::from_millis(100),
+            pod_start: Duration::ZERO,
+            sandboxes: None,
+            kubelet_started: tokio::time::Instant::now(),
+        };
+        AbortOnDropHandle::new(tokio::spawn(worker(cluster.clone(), "p".into(), plan, log, node)))
     }
 
     async fn wait_for(cluster: &Cluster, what: impl Fn(&Pod) -> bool) {

@@ -1,9 +1,11 @@
 //! From a pod template to a process this machine can start: what a container runtime and the
 //! kubelet would set up (command line, environment with the Downward API, ConfigMap volumes),
-//! with the two substitutions a single machine needs:
+//! with the substitutions a single machine needs:
 //! - the image's binary is this very binary, and mount paths point into the run directory;
-//! - "0.0.0.0 inside the pod" is the pod's own loopback address, "127.0.0.1 inside the pod"
-//!   (as hooks use it) is that address too, and Service names resolve to the lab's proxies.
+//! - Service names resolve to the Services' addresses (there is no cluster DNS);
+//! - on the process node only, where pods share the host's network: "0.0.0.0 inside the pod" is
+//!   the pod's own loopback address, and "127.0.0.1 inside the pod" (as hooks use it) is that
+//!   address too. On the kernel node each pod has its own network namespace: nothing to rewrite.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use nix::sys::signal::Signal;
 
 use crate::lab::api::cluster::named_ports;
 use crate::lab::api::manifest::is_graceful_binary;
+use crate::lab::kernel_node::netns::Netns;
 use crate::lab::network::dns::ServiceDns;
 use crate::lab::network::ipam::PodNet;
 
@@ -61,6 +64,9 @@ pub struct ContainerPlan {
     /// Named container ports, for named targetPorts and probe ports.
     pub named_ports: BTreeMap<String, u16>,
     pub container_ports: Vec<u16>,
+    /// The pod sandbox's network namespace (kernel node), set by the kubelet once it exists:
+    /// the container and its exec hooks and probes run inside it.
+    pub netns: Option<Netns>,
 }
 
 /// The identity and surroundings of one pod.
@@ -105,7 +111,9 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
     let mut argv: Vec<String> = c.command.iter().flatten().skip(1).cloned().collect();
     argv.extend(c.args.iter().flatten().cloned());
     let mut args: Vec<String> = argv.iter().map(|a| remap_paths(&expand(a, &vars), &mounts)).collect();
-    bind_listen_flags(&mut args, ctx.net);
+    if !ctx.net.own_netns {
+        bind_listen_flags(&mut args, ctx.net);
+    }
 
     let resolve = |p: &Probe| -> Result<ProbePlan> { probe_plan(p, ctx, &named_ports, &env, &mounts) };
     let startup = c.startup_probe.as_ref().map(resolve).transpose()?;
@@ -135,6 +143,7 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         grace,
         named_ports,
         container_ports,
+        netns: None,
     })
 }
 
@@ -334,7 +343,7 @@ fn environment(
 /// lab's proxies, telemetry to the lab's receiver, and PATH so exec hooks find their tools.
 fn lab_overrides(env: &mut Vec<(String, String)>, c: &Container, ctx: &PodContext) {
     let role = c.args.iter().flatten().next().map(String::as_str).unwrap_or("");
-    if let Some(listeners) = role_listeners(role) {
+    if let Some(listeners) = role_listeners(role).filter(|_| !ctx.net.own_netns) {
         for (key, port_name, default) in listeners {
             let port = c
                 .ports
@@ -382,6 +391,7 @@ fn field_ref(path: &str, ctx: &PodContext) -> Result<String> {
         "spec.nodeName" => ctx.node.to_string(),
         "spec.serviceAccountName" => "default".to_string(),
         "status.podIP" | "status.podIPs" => ctx.net.ip.to_string(),
+        "status.hostIP" | "status.hostIPs" if ctx.net.own_netns => crate::lab::kernel_node::node::NODE_IP.to_string(),
         "status.hostIP" | "status.hostIPs" => "127.0.0.1".to_string(),
         p if p.starts_with("metadata.labels['") => label("metadata.labels['", ctx.labels).unwrap_or_default(),
         p if p.starts_with("metadata.annotations['") => String::new(),
@@ -444,8 +454,9 @@ fn port_of(port: &IntOrString, named: &BTreeMap<String, u16>) -> Result<u16> {
     }
 }
 
-/// Rewrites URL arguments of hook and probe commands: loopback hosts (the pod's own network
-/// namespace) become the pod's address; Service names become the proxy's address.
+/// Rewrites URL arguments of hook and probe commands: loopback hosts become the pod's address
+/// (process node only: pods share the host's network there); Service names become the
+/// Service's address.
 fn rewrite_url(arg: &str, ctx: &PodContext) -> String {
     let Ok(mut url) = url::Url::parse(arg) else { return arg.to_string() };
     if url.scheme() != "http" {
@@ -453,7 +464,11 @@ fn rewrite_url(arg: &str, ctx: &PodContext) -> String {
     }
     let Some(host) = url.host_str().map(str::to_ascii_lowercase) else { return arg.to_string() };
     let port = url.port_or_known_default().unwrap_or(80);
-    let target = if host == "localhost" || host == "127.0.0.1" || host == "[::1]" {
+    let loopback = host == "localhost" || host == "127.0.0.1" || host == "[::1]";
+    let target = if loopback && ctx.net.own_netns {
+        // The command runs inside the pod's own network namespace: its loopback is the pod's.
+        None
+    } else if loopback {
         Some(ctx.net.addr(port))
     } else {
         ctx.services.iter().find(|s| s.port == port && s.names_from(ctx.namespace).contains(&host)).map(|s| s.proxy)

@@ -4,12 +4,20 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::lab::kernel_node::netns::Netns;
 use crate::lab::network::http_client;
 use crate::lab::node::pod_spec::Handler;
 
 /// Runs `h` once within `timeout`. Ok = success by the kubelet's rules (HTTP 200–399, TCP
-/// connect, exec exit 0, sleep done); Err says why not.
-pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: &Path) -> Result<(), String> {
+/// connect, exec exit 0, sleep done); Err says why not. HTTP and TCP handlers connect from the
+/// node, as the kubelet's do; an exec runs in the container's network namespace, when it has one.
+pub async fn run(
+    h: &Handler,
+    timeout: Duration,
+    env: &[(String, String)],
+    log: &Path,
+    netns: Option<&Netns>,
+) -> Result<(), String> {
     match h {
         Handler::Sleep(d) => {
             tokio::time::sleep(*d).await;
@@ -40,6 +48,9 @@ pub async fn run(h: &Handler, timeout: Duration, env: &[(String, String)], log: 
                 .stdout(out.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .stderr(err.map(Stdio::from).unwrap_or_else(Stdio::null))
                 .kill_on_drop(true);
+            if let Some(ns) = netns {
+                ns.enter_on_exec(cmd.as_std_mut()).map_err(|e| format!("exec {}: {e:#}", program.display()))?;
+            }
             crate::lab::node::run_group::join(&mut cmd);
             let mut child = cmd.spawn().map_err(|e| format!("exec {}: {e}", program.display()))?;
             // Declared after `child`, so dropped before it: the tree goes while its root is alive.
@@ -136,14 +147,14 @@ mod tests {
         let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_default())];
         let t = Duration::from_secs(2);
         let ok = Handler::Exec { program: "true".into(), args: vec![] };
-        assert!(run(&ok, t, &env, &log).await.is_ok());
+        assert!(run(&ok, t, &env, &log, None).await.is_ok());
         let bad = Handler::Exec { program: "false".into(), args: vec![] };
-        assert!(run(&bad, t, &env, &log).await.is_err());
+        assert!(run(&bad, t, &env, &log, None).await.is_err());
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let tcp = Handler::Tcp { addr: l.local_addr().unwrap() };
-        assert!(run(&tcp, t, &env, &log).await.is_ok());
+        assert!(run(&tcp, t, &env, &log, None).await.is_ok());
         drop(l);
-        assert!(run(&tcp, t, &env, &log).await.is_err());
+        assert!(run(&tcp, t, &env, &log, None).await.is_err());
     }
 
     /// Live processes whose command line is exactly `argv`.
@@ -175,7 +186,7 @@ mod tests {
             let script = format!("sleep {seconds}; true");
             let h = Handler::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), script] };
             let started = tokio::time::Instant::now();
-            let exec = run(&h, Duration::from_millis(if drop_it { 60_000 } else { 500 }), &env, &log);
+            let exec = run(&h, Duration::from_millis(if drop_it { 60_000 } else { 500 }), &env, &log, None);
             let waiting = tokio::spawn(async move {
                 while running(&["sleep", &seconds]) == 0 && started.elapsed() < Duration::from_secs(5) {
                     tokio::time::sleep(Duration::from_millis(10)).await;

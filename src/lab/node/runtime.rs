@@ -25,6 +25,9 @@ pub fn spawn(plan: &ContainerPlan, log: &std::path::Path) -> std::io::Result<Chi
     if let Some(dir) = &plan.cwd {
         cmd.current_dir(dir);
     }
+    if let Some(ns) = &plan.netns {
+        ns.enter_on_exec(cmd.as_std_mut()).map_err(std::io::Error::other)?;
+    }
     super::run_group::join(&mut cmd);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child if the lab dies,

@@ -67,6 +67,9 @@ pub struct Report {
 pub struct ProxyRecords<'a> {
     pub service: &'a str,
     pub records: Vec<ConnRecord>,
+    /// How much later than the event its record's times may read, in ms: 0 for the user-space
+    /// proxy (it stamps what it does), more for conntrack's events (stamped when read).
+    pub late_ms: f64,
 }
 
 pub struct Inputs<'a> {
@@ -252,10 +255,11 @@ fn explain<'a>(
     let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
     let fe_server = spans.iter().copied().find(|s| s.kind == KIND_SERVER && !ids.contains(s.parent_span_id.as_str()));
     let end_of_request = r.start + r.latency;
-    let fe_pod_name =
-        fe_server.and_then(|s| span_pod(s)).map(str::to_string).or_else(|| r.frontend_pod.clone()).or_else(|| {
-            r.local.and_then(|l| lookup(&inp.entry.records, l, end_of_request)).and_then(|c| c.pod.clone())
-        });
+    let fe_pod_name = fe_server
+        .and_then(|s| span_pod(s))
+        .map(str::to_string)
+        .or_else(|| r.frontend_pod.clone())
+        .or_else(|| r.local.and_then(|l| lookup(&inp.entry, l, end_of_request)).and_then(|c| c.pod.clone()));
     let fe_deploy = fe_pod_name.as_deref().map(|p| deployment_of(pods, p)).unwrap_or_else(|| "frontend".into());
     let case = Case { inp, r, spans, pods, fe_server, fe_deploy, end_of_request };
     let frontend_answered = matches!(r.outcome, Outcome::Http(_) | Outcome::BadBody) && r.status.is_some();
@@ -338,7 +342,7 @@ fn explain_client_hop(c: &Case, used: &mut HashSet<(usize, usize)>) -> Result<At
     if let Some(fe) = c.fe_server.filter(|s| span_pod(s).is_some()) {
         return Ok(c.first_hop_from_span(fe));
     }
-    let conn = r.local.and_then(|l| lookup(&inp.entry.records, l, c.end_of_request));
+    let conn = r.local.and_then(|l| lookup(&inp.entry, l, c.end_of_request));
     let lab = |hop: String, pod: String, (phase, ms_after_sigterm): (String, Option<f64>)| {
         c.verdict(Verdict { hop, pod, phase, ms_after_sigterm, cause: r.outcome.class(), source: Source::Lab })
     };
@@ -391,15 +395,17 @@ fn dur_ms(v: f64) -> Duration {
 fn failure_time(c: &ConnRecord, end_of_request: Duration) -> Duration {
     match (c.outcome, c.end) {
         (ProxyOutcome::Refused | ProxyOutcome::NoEndpoints | ProxyOutcome::Blackholed, _) => c.accepted,
-        (_, Some((t, End::PodClosed | End::PodReset))) if t <= end_of_request => t,
+        (_, Some((t, End::PodClosed | End::PodReset | End::Closed))) if t <= end_of_request => t,
         _ => end_of_request.max(c.accepted),
     }
 }
 
 /// The connection a client socket had open when a request on it ended: a socket carries one
-/// connection at a time, so the latest one accepted before then.
-fn lookup(records: &[ConnRecord], client: std::net::SocketAddr, until: Duration) -> Option<ConnRecord> {
-    records.iter().rev().find(|r| r.client == client && r.accepted <= until).cloned()
+/// connection at a time, so the latest one opened before then (allowing for records whose
+/// times read late, see [`ProxyRecords::late_ms`]).
+fn lookup(records: &ProxyRecords, client: std::net::SocketAddr, until: Duration) -> Option<ConnRecord> {
+    let until = until + dur_ms(records.late_ms);
+    records.records.iter().rev().find(|r| r.client == client && r.accepted <= until).cloned()
 }
 
 /// Matches a failed attempt (run-time window in ms) with what the given Service proxies saw:
@@ -424,7 +430,7 @@ fn join_by_time(
                 .iter()
                 .enumerate()
                 .rev()
-                .find(|(_, r)| r.client == local && ms(r.accepted) <= attempt.end_ms + slack);
+                .find(|(_, r)| r.client == local && ms(r.accepted) <= attempt.end_ms + slack + proxy.late_ms);
             if let Some((ri, rec)) = found {
                 let pod = rec.pod.clone()?;
                 used.insert((pi, ri));
@@ -454,11 +460,13 @@ fn join_by_time(
                     (ms(rec.accepted), attempt.start_ms, duration >= hold - 50.0 || attempt.cause.timeout)
                 }
                 ProxyOutcome::Spliced => match rec.end {
-                    Some((t, End::PodClosed | End::PodReset)) => (ms(t), attempt.end_ms, !attempt.cause.refused),
+                    Some((t, End::PodClosed | End::PodReset | End::Closed)) => {
+                        (ms(t), attempt.end_ms, !attempt.cause.refused)
+                    }
                     _ => continue,
                 },
             };
-            if !fits || t < attempt.start_ms - slack || t > attempt.end_ms + slack {
+            if !fits || t < attempt.start_ms - slack || t > attempt.end_ms + slack + proxy.late_ms {
                 continue;
             }
             let dist = (t - anchor).abs();
@@ -483,9 +491,11 @@ fn join_by_time(
             if used.contains(&(pi, ri)) || rec.outcome != ProxyOutcome::Spliced {
                 continue;
             }
-            let (Some(pod), Some((t, End::PodClosed | End::PodReset))) = (&rec.pod, rec.end) else { continue };
+            let (Some(pod), Some((t, End::PodClosed | End::PodReset | End::Closed))) = (&rec.pod, rec.end) else {
+                continue;
+            };
             let t_ms = ms(t);
-            if t_ms > attempt.start_ms + slack || t_ms < attempt.start_ms - STALE_WINDOW_MS {
+            if t_ms > attempt.start_ms + slack + proxy.late_ms || t_ms < attempt.start_ms - STALE_WINDOW_MS {
                 continue;
             }
             if stale.as_ref().is_none_or(|b| t_ms > b.0) {
@@ -627,6 +637,7 @@ mod tests {
                 conn(40001, 1_000, "frontend-a", ProxyOutcome::Refused, None),
                 conn(40002, 500, "frontend-b", ProxyOutcome::Spliced, Some((2_000, End::PodReset))),
             ],
+            late_ms: 0.0,
         };
         let requests = vec![
             // Refused at the pod: the userspace proxy resets the client at once.

@@ -51,6 +51,11 @@ pub struct Summary {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
     pub name: String,
+    /// Which node ran it: `kernel` or `process`.
+    pub node: String,
+    /// The kernel node's datapath: nftables transactions and conntrack's warnings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<Datapath>,
     pub endpoint_lag_ms: f64,
     pub rate: f64,
     pub summary: Summary,
@@ -70,6 +75,14 @@ pub struct RunResult {
     /// k6's own figures when k6 was the load source (`--k6`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k6: Option<K6Figures>,
+}
+
+/// What the kernel node's kube-proxy did during a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Datapath {
+    pub nft: crate::lab::network::kernel_proxy::ApplyStats,
+    /// conntrack's warnings (an overrun buffer loses events, hence records).
+    pub conntrack_warnings: Vec<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
