@@ -104,6 +104,7 @@ export function errorClass(res, body) {
     if (/timeout|deadline/i.test(e)) return 'client_timeout';
     if (/refused/i.test(e)) return 'connection_refused';
     if (/reset/i.test(e)) return 'connection_reset';
+    if (/no route to host|unreachable/i.test(e)) return 'no_route_to_host';
     if (/EOF|closed/i.test(e)) return 'closed_before_response';
     return res.error_code ? `k6_error_${res.error_code}` : 'no_response';
   }

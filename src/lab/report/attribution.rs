@@ -456,9 +456,14 @@ fn join_by_time(
                 ProxyOutcome::Refused | ProxyOutcome::NoEndpoints => {
                     (ms(rec.accepted), attempt.start_ms, duration < hold - 50.0 && !attempt.cause.timeout)
                 }
-                ProxyOutcome::Blackholed => {
-                    (ms(rec.accepted), attempt.start_ms, duration >= hold - 50.0 || attempt.cause.timeout)
-                }
+                // The user-space proxy holds such a connection for BLACKHOLE_HOLD; the kernel
+                // fails every SYN queued on an unresolved neighbour at once when it gives up,
+                // so later ones fail sooner: not a quick failure is all that can be asked.
+                ProxyOutcome::Blackholed => (
+                    ms(rec.accepted),
+                    attempt.start_ms,
+                    duration >= BLACKHOLE_MIN_MS.min(hold - 50.0) || attempt.cause.timeout,
+                ),
                 ProxyOutcome::Spliced => match rec.end {
                     Some((t, End::PodClosed | End::PodReset | End::Closed)) => {
                         (ms(t), attempt.end_ms, !attempt.cause.refused)
@@ -507,6 +512,9 @@ fn join_by_time(
     used.insert(record);
     Some(ProxyMatch { pod: pod.clone(), at, note: " (stale pooled connection)" })
 }
+
+/// The shortest failure a vanished pod address can explain (see [`join_by_time`]).
+const BLACKHOLE_MIN_MS: f64 = 100.0;
 
 /// How far back a pod's close can explain a failure on a reused connection (the upstream
 /// pool's idle limit is below this).
