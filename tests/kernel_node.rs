@@ -13,6 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::host::HostSnapshot;
 use common::{Process, BIN};
 use graceful::lab::kernel_node::node::{DeadPod, Node, Sandbox, NODE_IP};
 use graceful::lab::kernel_node::private_world;
@@ -70,42 +71,7 @@ fn world_command_as(name: &str, uid: Option<u32>) -> Command {
 }
 
 fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (the kernel node needs CAP_NET_ADMIN; rootless runs are not tested)".into());
-    }
-    for tool in ["ip", "nft"] {
-        if Command::new(tool).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
-            return Some(format!("`{tool}` is missing (apt-get install iproute2 nftables)"));
-        }
-    }
-    // Loading a kernel module would change the host: the tests only use it when it is there.
-    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
-        return Some("the br_netfilter module is not loaded (modprobe br_netfilter)".into());
-    }
-    private_world::probe().err().map(|e| format!("{e:#}"))
-}
-
-/// What the host's network namespace shows.
-#[derive(Debug, PartialEq, Eq)]
-struct HostSnapshot {
-    links: String,
-    netns: String,
-    ruleset: String,
-}
-
-impl HostSnapshot {
-    fn take() -> HostSnapshot {
-        let run = |args: &[&str]| {
-            let out = Command::new(args[0]).args(&args[1..]).output().expect("host tool");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        HostSnapshot {
-            links: run(&["ip", "-o", "link"]),
-            netns: run(&["ip", "netns", "list"]),
-            ruleset: run(&["nft", "list", "ruleset"]),
-        }
-    }
+    common::host::kernel_node_unavailable()
 }
 
 /// A pod: its sandbox and the real backend listening on 0.0.0.0 inside it.

@@ -31,7 +31,7 @@ fn problem_loses_requests_and_solution_loses_none() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("lab.json");
     let child = graceful()
-        .args(["lab", "--profile", "short", "--expect", "--quiet", "--json"])
+        .args(["lab", "--node", "process", "--profile", "short", "--expect", "--quiet", "--json"])
         .arg(&report)
         .arg("--out")
         .arg(dir.path().join("runs"))

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::{alive, cmdline, descendants, ProcId};
 use common::wait_bounded;
 
 const HOOK: &str = include_str!("fixtures/lab/hook.yaml");
@@ -158,49 +159,6 @@ fn deep_and_huge_manifests_are_refused_at_once() {
     let (status, _, stderr) = wait_bounded(child, Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("huge: larger than 1048576 bytes"), "{stderr}");
-}
-
-/// A process as (pid, start time): a pid alone could be reused.
-type ProcId = (i32, u64);
-
-fn stat(pid: i32) -> Option<(i32, char, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state, ppid, ... starttime is field 22 of the line, 20 of `rest`.
-    Some((f.get(1)?.parse().ok()?, f.first()?.chars().next()?, f.get(19)?.parse().ok()?))
-}
-
-/// Every live descendant of `root`.
-fn descendants(root: i32) -> BTreeSet<ProcId> {
-    let all: Vec<(i32, i32, char, u64)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| stat(pid).map(|(ppid, state, start)| (pid, ppid, state, start)))
-        .collect();
-    let mut found = BTreeSet::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for (pid, _, state, start) in all.iter().filter(|(_, ppid, _, _)| *ppid == p) {
-            if *state != 'Z' && found.insert((*pid, *start)) {
-                frontier.push(*pid);
-            }
-        }
-    }
-    found
-}
-
-fn alive(p: &ProcId) -> bool {
-    stat(p.0).is_some_and(|(_, state, start)| start == p.1 && state != 'Z' && state != 'X')
-}
-
-fn cmdline(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .iter()
-        .map(|b| if *b == 0 { ' ' } else { *b as char })
-        .collect()
 }
 
 /// Starts a run whose old pod's preStop hook is a shell running `sleep`, waits (bounded) until

@@ -2,7 +2,9 @@
 //! HTTP/1.1 through the lab's client.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod process;
+pub mod procs;
 
 use std::collections::HashMap;
 use std::io::Read;
