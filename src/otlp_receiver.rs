@@ -67,11 +67,18 @@ pub struct Counts {
     pub bytes: u64,
 }
 
+/// Sees every export a keeping receiver accepts, before it is flattened (the lab writes and
+/// forwards them). Called on the receiver's thread: it must not block.
+pub trait ExportTap: Send + Sync {
+    fn export(&self, request: &ExportTraceServiceRequest);
+}
+
 #[derive(Default)]
 struct Received {
     keep_spans: bool,
     spans: Vec<SpanRecord>,
     counts: Counts,
+    tap: Option<Arc<dyn ExportTap>>,
 }
 
 type Store = Arc<Mutex<Received>>;
@@ -149,6 +156,11 @@ impl OtlpReceiver {
         self.store.lock().unwrap().counts.clone()
     }
 
+    /// Every export accepted from now on is shown to `tap` first (a counting receiver has none).
+    pub fn set_tap(&self, tap: Option<Arc<dyn ExportTap>>) {
+        self.store.lock().unwrap().tap = tap;
+    }
+
     pub fn clear(&self) {
         let mut r = self.store.lock().unwrap();
         r.spans.clear();
@@ -182,9 +194,15 @@ impl Drop for OtlpReceiver {
 
 async fn receive(body: web::Bytes, store: web::Data<Store>) -> HttpResponse {
     let len = body.len() as u64;
-    let keep = store.lock().unwrap().keep_spans;
+    let (keep, tap) = {
+        let r = store.lock().unwrap();
+        (r.keep_spans, r.tap.clone())
+    };
     let decoded = if keep {
         ExportTraceServiceRequest::decode(body).map(|req| {
+            if let Some(tap) = &tap {
+                tap.export(&req);
+            }
             let records = flatten(req);
             let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
             for r in &records {

@@ -137,6 +137,7 @@ mod tests {
             events: vec![],
             requests: vec![],
             k6: None,
+            traces: None,
         }
     }
 
