@@ -98,15 +98,9 @@ pub struct LabArgs {
     /// be sent is dropped and counted.
     #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_forward: Option<String>,
-    /// Protocol for --otlp-forward.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "PROTOCOL",
-        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
-        default_value = "http/protobuf"
-    )]
-    pub otlp_forward_protocol: crate::lab::otlp_forward::Protocol,
+    /// Protocol for --otlp-forward. Default: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub otlp_forward_protocol: Option<crate::lab::otlp_forward::Protocol>,
     /// Time from a pod's last container exit to its sandbox (and address) being torn down.
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub sandbox_teardown: humantime::Duration,

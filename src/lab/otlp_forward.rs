@@ -30,6 +30,28 @@ pub enum Protocol {
     Grpc,
 }
 
+impl Protocol {
+    /// The flag's value, else `OTEL_EXPORTER_OTLP_PROTOCOL` (read only when forwarding, so a value
+    /// meant for other programs cannot stop a lab that forwards nothing), else http/protobuf.
+    pub fn chosen(flag: Option<Protocol>) -> Result<Protocol> {
+        Protocol::resolve(flag, std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").ok().as_deref())
+    }
+
+    fn resolve(flag: Option<Protocol>, env: Option<&str>) -> Result<Protocol> {
+        use clap::ValueEnum;
+        match (flag, env.map(str::trim).filter(|v| !v.is_empty())) {
+            (Some(p), _) => Ok(p),
+            (None, None) => Ok(Protocol::HttpProtobuf),
+            (None, Some(v)) => Protocol::from_str(v, true).map_err(|_| {
+                anyhow::anyhow!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL={v}: the lab forwards http/protobuf or grpc \
+                     (or set --otlp-forward-protocol)"
+                )
+            }),
+        }
+    }
+}
+
 /// Exports waiting to be sent; more are dropped (and counted) rather than queued without bound.
 const QUEUE_EXPORTS: usize = 1024;
 /// Bound on one export to the endpoint, connection included.
@@ -315,6 +337,18 @@ mod tests {
             let e = ForwardTarget::parse(bad, Protocol::HttpProtobuf).unwrap_err().to_string();
             assert!(e.contains("--otlp-forward") && e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_flag_wins_then_the_environment() {
+        let r = Protocol::resolve;
+        assert_eq!(r(None, None).unwrap(), Protocol::HttpProtobuf);
+        assert_eq!(r(None, Some("")).unwrap(), Protocol::HttpProtobuf);
+        assert_eq!(r(None, Some("grpc")).unwrap(), Protocol::Grpc);
+        assert_eq!(r(Some(Protocol::HttpProtobuf), Some("grpc")).unwrap(), Protocol::HttpProtobuf);
+        assert_eq!(r(Some(Protocol::Grpc), Some("http/json")).unwrap(), Protocol::Grpc);
+        let e = r(None, Some("http/json")).unwrap_err().to_string();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/json") && e.contains("grpc"), "{e}");
     }
 
     #[tokio::test]

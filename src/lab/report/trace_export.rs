@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Serialize;
 
-use crate::lab::otlp_forward::{ForwardStats, ForwardTarget, Forwarder, RunForward};
+use crate::lab::otlp_forward::{ForwardStats, ForwardTarget, Forwarder, Protocol, RunForward};
 use crate::otlp_receiver::{ExportTap, OtlpReceiver};
 
 /// The resource attribute naming the run: search Jaeger by `graceful.lab.run=<name>`.
@@ -77,7 +77,7 @@ pub struct TraceExport {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`, the forwarder (its URL checked first).
 pub fn start(args: &crate::lab::LabArgs, receiver: Option<&OtlpReceiver>) -> Result<Option<Arc<TraceExport>>> {
     let target = match &args.otlp_forward {
-        Some(url) => Some(ForwardTarget::parse(url, args.otlp_forward_protocol)?),
+        Some(url) => Some(ForwardTarget::parse(url, Protocol::chosen(args.otlp_forward_protocol)?)?),
         None => None,
     };
     let Some(receiver) = receiver else {
