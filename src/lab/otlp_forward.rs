@@ -269,7 +269,7 @@ impl Sender {
     async fn send(&mut self, request: ExportTraceServiceRequest) -> Result<(), String> {
         match self {
             Sender::Http { url, path } => {
-                let addr = resolve(url).await?;
+                let addrs = resolve(url).await?;
                 let host = match url.port() {
                     Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
                     None => url.host_str().unwrap_or_default().to_string(),
@@ -281,7 +281,7 @@ impl Sender {
                     request.encode_to_vec(),
                     true,
                 );
-                let resp = http_client::call_once(addr, call).await.map_err(|e| e.to_string())?;
+                let resp = call_first_reachable(&addrs, call).await?;
                 if (200..300).contains(&resp.status) {
                     Ok(())
                 } else {
@@ -305,15 +305,29 @@ impl Sender {
     }
 }
 
-/// The endpoint's first address (a name such as `localhost` is looked up on each send).
-async fn resolve(url: &Url) -> Result<SocketAddr, String> {
+/// The endpoint's addresses (a name such as `localhost` is looked up on each send).
+async fn resolve(url: &Url) -> Result<Vec<SocketAddr>, String> {
     let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     let port = url.port_or_known_default().unwrap_or(80);
-    tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| format!("resolving {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("resolving {host}: no address"))
+    let addrs: Vec<SocketAddr> =
+        tokio::net::lookup_host((host, port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect();
+    if addrs.is_empty() {
+        return Err(format!("resolving {host}: no address"));
+    }
+    Ok(addrs)
+}
+
+/// Sends on the first address that takes the connection: `localhost` may resolve to ::1 first
+/// while the endpoint listens on 127.0.0.1 only.
+async fn call_first_reachable(addrs: &[SocketAddr], call: http_client::Call) -> Result<http_client::Response, String> {
+    let mut last = String::new();
+    for addr in addrs {
+        match http_client::call_once(*addr, call.clone()).await {
+            Err(e @ http_client::HttpError::Connect(_)) => last = e.to_string(),
+            other => return other.map_err(|e| e.to_string()),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]
@@ -367,6 +381,27 @@ mod tests {
         assert_eq!((stats.forwarded_spans, stats.dropped_spans, stats.dropped_send_failed), (0, 15, 15), "{stats:?}");
         assert!(stats.last_error.as_deref().is_some_and(|e| e.contains("connect")), "{stats:?}");
         assert!(stats.line().contains("dropped 15 (15 send failed)"), "{}", stats.line());
+    }
+
+    #[tokio::test]
+    async fn localhost_reaches_a_receiver_on_127_0_0_1() {
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        let receiver = crate::otlp_receiver::OtlpReceiver::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let url = format!("http://localhost:{}", receiver.addr().port());
+        let forwarder = Forwarder::start(ForwardTarget::parse(&url, Protocol::HttpProtobuf).unwrap());
+        let run = forwarder.begin_run();
+        let span = Span { trace_id: vec![7; 16], span_id: vec![8; 8], name: "GET /".into(), ..Default::default() };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans { spans: vec![span; 2], ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        run.offer(request, 2);
+        let stats = run.finish(Duration::from_secs(5)).await;
+        assert_eq!((stats.forwarded_spans, stats.dropped_spans), (2, 0), "{stats:?}");
+        assert_eq!(receiver.spans().len(), 2);
+        assert_eq!(receiver.spans()[0].trace_id, "07".repeat(16));
     }
 
     #[tokio::test]
