@@ -1,7 +1,9 @@
 //! A small OTLP/HTTP trace receiver (protobuf, the official definitions): the lab attributes failures
 //! from what it collects, and the black-box tests assert on it. Not a collector: it keeps spans in
 //! memory — or, for the benchmark, only counts them (keeping thousands a second would weigh on the
-//! very machine being measured).
+//! very machine being measured). An [`ExportTap`] sees each export whole: the lab writes every run's
+//! spans to a file and forwards them (src/lab/report/trace_export.rs). HTTP only: the pods it serves
+//! are told to export http/protobuf.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,11 +69,18 @@ pub struct Counts {
     pub bytes: u64,
 }
 
+/// Sees every export a keeping receiver accepts, before it is flattened (the lab writes and
+/// forwards them). Called on the receiver's thread: it must not block.
+pub trait ExportTap: Send + Sync {
+    fn export(&self, request: &ExportTraceServiceRequest);
+}
+
 #[derive(Default)]
 struct Received {
     keep_spans: bool,
     spans: Vec<SpanRecord>,
     counts: Counts,
+    tap: Option<Arc<dyn ExportTap>>,
 }
 
 type Store = Arc<Mutex<Received>>;
@@ -149,6 +158,11 @@ impl OtlpReceiver {
         self.store.lock().unwrap().counts.clone()
     }
 
+    /// Every export accepted from now on is shown to `tap` first (a counting receiver has none).
+    pub fn set_tap(&self, tap: Option<Arc<dyn ExportTap>>) {
+        self.store.lock().unwrap().tap = tap;
+    }
+
     pub fn clear(&self) {
         let mut r = self.store.lock().unwrap();
         r.spans.clear();
@@ -182,9 +196,15 @@ impl Drop for OtlpReceiver {
 
 async fn receive(body: web::Bytes, store: web::Data<Store>) -> HttpResponse {
     let len = body.len() as u64;
-    let keep = store.lock().unwrap().keep_spans;
+    let (keep, tap) = {
+        let r = store.lock().unwrap();
+        (r.keep_spans, r.tap.clone())
+    };
     let decoded = if keep {
         ExportTraceServiceRequest::decode(body).map(|req| {
+            if let Some(tap) = &tap {
+                tap.export(&req);
+            }
             let records = flatten(req);
             let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
             for r in &records {
@@ -369,5 +389,25 @@ mod tests {
         assert_eq!(keeping.spans().len(), 4);
         assert_eq!(keeping.spans()[0].service_name, "svc-a");
         assert!(counting.spans().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tap_sees_each_accepted_export_whole() {
+        struct Seen(Mutex<Vec<ExportTraceServiceRequest>>);
+        impl ExportTap for Seen {
+            fn export(&self, request: &ExportTraceServiceRequest) {
+                self.0.lock().unwrap().push(request.clone());
+            }
+        }
+        let receiver = OtlpReceiver::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let seen = Arc::new(Seen(Mutex::new(Vec::new())));
+        receiver.set_tap(Some(seen.clone()));
+        assert_eq!(post(receiver.addr(), &export("svc-a", 2)).await, 200);
+        assert_eq!(post(receiver.addr(), b"not protobuf").await, 400);
+        receiver.set_tap(None);
+        assert_eq!(post(receiver.addr(), &export("svc-b", 1)).await, 200);
+        let seen = seen.0.lock().unwrap();
+        assert_eq!(seen.len(), 1, "only the valid export made while tapped");
+        assert_eq!(seen[0].encode_to_vec(), export("svc-a", 2), "unchanged");
     }
 }

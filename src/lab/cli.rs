@@ -109,6 +109,14 @@ pub struct LabArgs {
     /// Do not collect spans (no OTLP receiver; attribution from the lab's own records only).
     #[arg(long)]
     pub no_tracing: bool,
+    /// Also send every span the pods export to this OTLP endpoint (a local Jaeger:
+    /// http://localhost:4318), tagged `graceful.lab.run=<run>`. Never slows the pods: what cannot
+    /// be sent is dropped and counted.
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_forward: Option<String>,
+    /// Protocol for --otlp-forward. Default: OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub otlp_forward_protocol: Option<crate::lab::otlp_forward::Protocol>,
     /// Time from a pod's last container exit to its sandbox (and address) being torn down.
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub sandbox_teardown: humantime::Duration,

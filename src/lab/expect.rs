@@ -139,6 +139,7 @@ mod tests {
             events: vec![],
             requests: vec![],
             k6: None,
+            traces: None,
         }
     }
 

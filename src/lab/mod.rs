@@ -16,6 +16,7 @@ pub mod kernel_node;
 pub mod load;
 pub mod network;
 pub mod node;
+pub mod otlp_forward;
 pub mod report;
 pub mod scenario;
 pub mod world;
@@ -227,6 +228,7 @@ async fn run_all(
     } else {
         Some(OtlpReceiver::start(receiver_addr.parse().unwrap()).context("starting the OTLP receiver")?)
     };
+    let traces = report::trace_export::start(args, receiver.as_ref())?;
     let progress = report::progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     let node = match (env, isolation) {
@@ -262,10 +264,19 @@ async fn run_all(
             let dir_name =
                 if lags.len() > 1 { format!("{}-lag{}ms", input.name, lag.as_millis()) } else { input.name.clone() };
             let cfg = plan.run_config(args, &input.name, &dir_name, *lag);
-            let r = scenario::run(&cfg, &input.manifest, env, net.clone(), receiver.as_ref(), &progress)
+            if let Some(t) = &traces {
+                t.begin_run(&report::trace_export::run_name(&dir_name), &cfg.run_dir)?;
+            }
+            let mut r = scenario::run(&cfg, &input.manifest, env, net.clone(), receiver.as_ref(), &progress)
                 .await
                 .with_context(|| format!("run `{}` (logs under {})", input.name, cfg.run_dir.display()))?;
+            if let Some(t) = &traces {
+                r.traces = t.end_run().await;
+            }
             progress.println(&one_line(&r));
+            if let Some(t) = &r.traces {
+                progress.println(&format!("    traces: {}", t.line()));
+            }
             results.push(r);
         }
     }

@@ -402,6 +402,7 @@ fn report(
         events: cluster.events(),
         requests,
         k6,
+        traces: None,
     };
     result.run_ms = ms(cluster.clock.now());
     std::fs::write(&timeline_path, timeline::render(&result))

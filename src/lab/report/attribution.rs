@@ -42,6 +42,9 @@ pub struct Attribution {
     /// `error.type` from the caller's span, else the client's outcome class.
     pub cause: String,
     pub source: Source,
+    /// Spans the pods exported for this trace: 0 means a trace viewer has nothing to show (the
+    /// request never reached a pod, or its pod died before exporting).
+    pub trace_spans: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -237,6 +240,7 @@ impl Case<'_> {
             ms_after_sigterm: v.ms_after_sigterm,
             cause: v.cause,
             source: v.source,
+            trace_spans: self.spans.len(),
         }
     }
 
@@ -574,10 +578,12 @@ pub struct Group {
     pub ms_after_sigterm_min: Option<f64>,
     pub ms_after_sigterm_max: Option<f64>,
     pub source: Source,
+    /// One failed request's trace id to paste into Jaeger: the first with spans, if any has.
+    pub example_trace: Option<String>,
 }
 
-/// Per group: count, pods, ms-after-SIGTERM range.
-type Tally = (usize, HashSet<String>, Option<f64>, Option<f64>);
+/// Per group: count, pods, ms-after-SIGTERM range, the first trace id with spans.
+type Tally = (usize, HashSet<String>, Option<f64>, Option<f64>, Option<String>);
 
 pub fn groups(items: &[Attribution]) -> Vec<Group> {
     let mut map: BTreeMap<(String, String, String, Source), Tally> = BTreeMap::new();
@@ -587,9 +593,13 @@ pub fn groups(items: &[Attribution]) -> Vec<Group> {
             HashSet::new(),
             None,
             None,
+            None,
         ));
         e.0 += 1;
         e.1.insert(a.pod.clone());
+        if e.4.is_none() && a.trace_spans > 0 {
+            e.4 = Some(a.trace_id.clone());
+        }
         if let Some(m) = a.ms_after_sigterm {
             e.2 = Some(e.2.map_or(m, |x: f64| x.min(m)));
             e.3 = Some(e.3.map_or(m, |x: f64| x.max(m)));
@@ -597,7 +607,7 @@ pub fn groups(items: &[Attribution]) -> Vec<Group> {
     }
     let mut out: Vec<Group> = map
         .into_iter()
-        .map(|((hop, phase, cause, source), (count, pods, lo, hi))| Group {
+        .map(|((hop, phase, cause, source), (count, pods, lo, hi, example_trace))| Group {
             hop,
             phase,
             cause,
@@ -606,6 +616,7 @@ pub fn groups(items: &[Attribution]) -> Vec<Group> {
             ms_after_sigterm_min: lo,
             ms_after_sigterm_max: hi,
             source,
+            example_trace,
         })
         .collect();
     out.sort_by_key(|g| std::cmp::Reverse(g.count));
@@ -662,5 +673,26 @@ mod tests {
         assert_eq!(pods, vec![(1, "frontend-a"), (2, "frontend-b")]);
         assert!(report.items.iter().all(|a| a.source == Source::Lab && a.hop.starts_with("client→")));
         assert_eq!(report.unexplained[0].request, 3);
+    }
+
+    #[test]
+    fn a_group_names_a_trace_that_has_spans() {
+        let item = |request: u64, pod: &str, trace_spans: usize| Attribution {
+            request,
+            trace_id: format!("{request:032x}"),
+            hop: "client→frontend".into(),
+            pod: pod.into(),
+            deployment: "frontend".into(),
+            phase: "exited".into(),
+            ms_after_sigterm: Some(request as f64),
+            cause: "refused".into(),
+            source: Source::Lab,
+            trace_spans,
+        };
+        let g = groups(&[item(1, "a", 0), item(2, "b", 3), item(3, "a", 5)]);
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].count, g[0].pods), (3, 2));
+        assert_eq!(g[0].example_trace.as_deref(), Some(format!("{:032x}", 2).as_str()));
+        assert_eq!(groups(&[item(1, "a", 0)])[0].example_trace, None, "no span, no trace to open");
     }
 }

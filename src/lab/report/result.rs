@@ -13,6 +13,7 @@ use crate::lab::control_plane::deployment::RolloutStats;
 use crate::lab::load::generator::{Outcome, RequestRecord};
 use crate::lab::load::k6::K6Figures;
 use crate::lab::report::attribution::{self, Group};
+use crate::lab::report::trace_export::TraceOutput;
 
 /// One rollout window (all deployments restarted together, or one after the other).
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +76,9 @@ pub struct RunResult {
     /// k6's own figures when k6 was the load source (`--k6`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k6: Option<K6Figures>,
+    /// The run's spans as OTLP JSON lines, and where they were forwarded (none with --no-tracing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traces: Option<TraceOutput>,
 }
 
 /// What the kernel node's kube-proxy did during a run.
@@ -259,7 +263,7 @@ pub fn failure_table(run: &RunResult) -> Option<Table> {
     }
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["hop", "pod phase", "cause", "failed", "pods", "ms after SIGTERM", "from"]);
+    t.set_header(vec!["hop", "pod phase", "cause", "failed", "pods", "ms after SIGTERM", "from", "example trace"]);
     for g in &run.groups {
         let range = match (g.ms_after_sigterm_min, g.ms_after_sigterm_max) {
             (Some(a), Some(b)) if (a - b).abs() < 0.5 => format!("{a:.0}"),
@@ -279,6 +283,7 @@ pub fn failure_table(run: &RunResult) -> Option<Table> {
             right(g.pods.to_string()),
             right(range),
             Cell::new(from),
+            Cell::new(g.example_trace.as_deref().unwrap_or("– (no span)")),
         ]);
     }
     Some(t)
