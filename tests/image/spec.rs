@@ -9,10 +9,6 @@ use serde_json::{json, Value};
 use crate::archive::ImageConfig;
 use crate::pod::Backend;
 
-/// The seccomp profile standing for `RuntimeDefault`: an allow-list, everything else EPERM;
-/// no namespace creation, mount, ptrace, BPF, module or keyring calls (see docs/deploy.md).
-const RUNTIME_DEFAULT: &str = include_str!("../fixtures/image/seccomp.json");
-
 /// Downward API fields the manifest takes from the pod; a test pod has these.
 const DOWNWARD: &[(&str, &str)] = &[
     ("POD_NAME", "backend-image-test"),
@@ -59,7 +55,8 @@ pub fn write(bundle: &Path, image: &ImageConfig, backend: &Backend, netns: &str,
     namespaces.retain(|n| n["type"] != "network");
     namespaces.push(json!({ "type": "network", "path": netns }));
     assert_eq!(sec.seccomp, "RuntimeDefault", "the manifests ask for the runtime's default seccomp profile");
-    linux["seccomp"] = serde_json::from_str(RUNTIME_DEFAULT).expect("the seccomp fixture is JSON");
+    // The lab runtime's `RuntimeDefault` profile (src/lab/node/oci/seccomp.rs).
+    linux["seccomp"] = serde_json::to_value(graceful::lab::node::oci::seccomp::runtime_default()).unwrap();
 
     std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 }

@@ -1,0 +1,398 @@
+//! The lab's OCI runtime (src/lab/node/oci) against real images under runc: the CI-built graceful
+//! image as the solution overlay declares its backend (securityContext, ConfigMap, preStop), and a
+//! static C server built here that has no SIGTERM handler. Each test re-runs itself inside a fresh
+//! private world (network + mount namespaces) and runs its containers in a pod network namespace
+//! it creates there (`ip netns add`); the outer half checks the host is unchanged afterwards
+//! (links, named namespaces, mounts, cgroups). Skipped, with the reason printed, when not root or
+//! when runc/umoci/ip (or, for the C image, gcc/buildah) are missing; under CI=true a missing tool
+//! fails the graceful-image test when the archive exists.
+
+mod common;
+#[path = "common/oci_test_image.rs"]
+mod oci_test_image;
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use graceful::lab::kernel_node::netns::Netns;
+use graceful::lab::kernel_node::private_world;
+use graceful::lab::node::oci::{BindMount, Container, ContainerSpec, ImageStore, Runtime, Security};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+const INNER: &str = "OCI_RUNTIME_TEST_INNER";
+const WORLD_BOUND: Duration = Duration::from_secs(120);
+const RENDERED: &str = include_str!("../deploy/rendered/solution.yaml");
+
+fn graceful_archive() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRACEFUL_IMAGE_ARCHIVE") {
+        return p.into();
+    }
+    // <target>/debug/deps/oci_runtime-… → <target>/image/graceful.oci.tar
+    let exe = std::env::current_exe().expect("the test's path");
+    exe.ancestors().nth(3).expect("a target dir").join("image/graceful.oci.tar")
+}
+
+fn tool_missing(tools: &[&str]) -> Option<String> {
+    tools.iter().find_map(|tool| {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
+        (!found.map(|o| o.status.success()).unwrap_or(false)).then(|| format!("`{tool}` is not installed"))
+    })
+}
+
+/// Why the runtime cannot be tested here, if it cannot.
+fn skip_reason(extra_tools: &[&str]) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (runc and network namespaces need it)".into());
+    }
+    let mut tools = vec!["runc", "umoci", "ip"];
+    tools.extend_from_slice(extra_tools);
+    tool_missing(&tools).or_else(|| private_world::probe().err().map(|e| format!("{e:#}")))
+}
+
+/// What the host shows that a leak would change.
+#[derive(Debug, PartialEq, Eq)]
+struct HostSnapshot {
+    links: String,
+    netns: String,
+    graceful_cgroups: Vec<String>,
+    overlay_mounts: usize,
+}
+
+impl HostSnapshot {
+    fn take() -> HostSnapshot {
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().expect("host tool");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        HostSnapshot {
+            links: run(&["ip", "-o", "link"]),
+            netns: run(&["ip", "netns", "list"]),
+            graceful_cgroups: graceful_cgroups(None),
+            overlay_mounts: mounts.lines().filter(|l| l.contains(" - overlay ")).count(),
+        }
+    }
+}
+
+/// Cgroup directories our runtime creates (`graceful-PID-…`), one level below each hierarchy.
+fn graceful_cgroups(pid: Option<u32>) -> Vec<String> {
+    let prefix = pid.map_or_else(|| "graceful-".to_string(), |p| format!("graceful-{p}-"));
+    let mut found = Vec::new();
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(hierarchy.path()).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                found.push(entry.path().display().to_string());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Runs `body` inside a fresh private world (this test re-run there), then checks the host.
+fn in_private_world(name: &str, extra_tools: &[&str], body: impl FnOnce()) {
+    if std::env::var(INNER).as_deref() == Ok(name) {
+        body();
+        return;
+    }
+    if let Some(reason) = skip_reason(extra_tools) {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let before = HostSnapshot::take();
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary path"));
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]).env(INNER, name);
+    let child = private_world::command_in_new_world(cmd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn the inner test");
+    let (status, out, err) = common::wait_bounded(child, WORLD_BOUND);
+    println!("{out}\n{err}");
+    assert!(status.success(), "inner half of {name} failed ({status}):\n{out}\n{err}");
+    assert!(out.contains("1 passed"), "the inner half of {name} did not run:\n{out}");
+    assert_eq!(HostSnapshot::take(), before, "the host changed");
+}
+
+/// A pod network namespace inside the world, loopback up.
+fn pod_netns(name: &str) -> Netns {
+    for args in [vec!["netns", "add", name], vec!["-n", name, "link", "set", "lo", "up"]] {
+        let out = Command::new("ip").args(&args).output().expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Netns::new(name)
+}
+
+/// GET from inside `netns`: the status, or the error's text.
+fn get_in(netns: &Netns, addr: SocketAddr, path: &'static str) -> Result<u16, String> {
+    netns.run(move || common::get(addr, path).map(|r| r.status).map_err(|e| e.to_string())).unwrap()
+}
+
+/// Reads a field of /proc/PID/status.
+fn status_field(pid: i32, name: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap_or_else(|| panic!("{name}"));
+    line[name.len() + 1..].split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The backend container of the rendered solution overlay, as the kubelet would resolve it:
+/// the merged securityContext, args, env (Downward API stand-ins, no collector, a 1 s drain),
+/// the ConfigMap's files under `dir` mounted read-only; and its preStop command.
+fn backend_spec(dir: &Path, netns: &Netns) -> (ContainerSpec, Vec<String>) {
+    let mut deployment = None;
+    let mut maps = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(RENDERED) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Deployment") if v["metadata"]["name"].as_str() == Some("backend") => {
+                deployment = Some(serde_yaml::from_value::<Deployment>(v).unwrap())
+            }
+            Some("ConfigMap") => maps.push(serde_yaml::from_value::<ConfigMap>(v).unwrap()),
+            _ => {}
+        }
+    }
+    let pod = deployment.unwrap().spec.unwrap().template.spec.unwrap();
+    let c = pod.containers.iter().find(|c| c.name == "backend").unwrap();
+    let security = Security::from_kubernetes(pod.security_context.as_ref(), c.security_context.as_ref()).unwrap();
+
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == "/etc/graceful").unwrap();
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+    let map_name = &volume.config_map.as_ref().unwrap().name;
+    let map = maps.iter().find(|m| m.metadata.name.as_deref() == Some(map_name)).unwrap();
+    let files = dir.join("configmap");
+    std::fs::create_dir_all(&files).unwrap();
+    for (name, text) in map.data.iter().flatten() {
+        std::fs::write(files.join(name), text).unwrap();
+    }
+
+    let downward = |name: &str| match name {
+        "POD_NAME" => "backend-0",
+        "POD_NAMESPACE" => "graceful",
+        "POD_IP" => "127.0.0.1",
+        _ => "oci-test-node",
+    };
+    let mut env: Vec<(String, String)> = c
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.name != "OTEL_EXPORTER_OTLP_ENDPOINT")
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_else(|| downward(&e.name).into())))
+        .collect();
+    env.push(("GRACEFUL_SHUTDOWN__DRAIN_DELAY".into(), "1s".into()));
+    let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap().exec.as_ref().unwrap();
+    let spec = ContainerSpec {
+        command: c.command.clone(),
+        args: c.args.clone(),
+        env,
+        working_dir: c.working_dir.clone(),
+        security,
+        mounts: vec![BindMount {
+            source: files,
+            destination: mount.mount_path.clone().into(),
+            read_only: mount.read_only == Some(true),
+        }],
+        netns: netns.path(),
+        hostname: "backend-0".into(),
+    };
+    (spec, pre_stop.command.clone().unwrap())
+}
+
+/// After `delete`: no state, overlay or bundle left behind.
+fn assert_removed(runtime_dir: &Path, id: &str) {
+    let out = Command::new("runc").arg("--root").arg(runtime_dir.join("runc")).args(["list", "-q"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "runc still lists containers");
+    let bundle = runtime_dir.join("containers").join(id);
+    assert!(!bundle.exists(), "{} is left", bundle.display());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&bundle.display().to_string()), "the overlay is still mounted");
+    assert_eq!(graceful_cgroups(Some(std::process::id())), Vec::<String>::new(), "cgroups left");
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace() {
+    let archive = graceful_archive();
+    if !archive.exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI builds {} first", archive.display());
+        eprintln!("skipped: {} is absent (build it with .ci/build-image)", archive.display());
+        return;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") && std::env::var(INNER).is_err() {
+        assert_eq!(skip_reason(&[]), None, "CI has the tools and root to run the image");
+    }
+    in_private_world("the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace", &[], || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let netns = pod_netns("pod-1");
+        let reference = format!("graceful:latest=oci-archive:{}", archive.display()).parse().unwrap();
+        let store = ImageStore::new(dir.path().join("images"), vec![reference]).unwrap();
+        let image = rt.block_on(store.image("graceful:latest")).unwrap();
+        println!("image unpacked in {} ms", image.unpack_time.as_millis());
+        assert!(image.rootfs.join("usr/local/bin/graceful").is_file());
+        let again = rt.block_on(store.image("graceful:latest")).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&image, &again), "unpacked once per store");
+
+        let runtime = rt.block_on(Runtime::new(&dir.path().join("runtime"))).unwrap();
+        let (spec, pre_stop) = backend_spec(dir.path(), &netns);
+        let log = dir.path().join("backend-0.log");
+        let c: Container = rt.block_on(runtime.run("backend-0", &image, &spec, &log)).unwrap();
+        let admin: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+        let ready = common::eventually(Duration::from_secs(15), || get_in(&netns, admin, "/readyz") == Ok(200));
+        let ready_in = c.created().elapsed();
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(ready, "not ready within 15 s: {}", log_text());
+        println!("run -> init pid {} ms; run -> /readyz 200 {} ms", c.started_in().as_millis(), ready_in.as_millis());
+
+        // The securityContext as the kernel applied it, read from the host.
+        let pid = c.pid();
+        assert_eq!(status_field(pid, "Uid"), "65532 65532 65532 65532");
+        assert_eq!(status_field(pid, "Gid"), "65532 65532 65532 65532");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}: drop ALL");
+        }
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert!(status_field(pid, "NSpid").ends_with(" 1"), "PID 1 in its namespace");
+        let pod_ns = std::fs::metadata(netns.path()).unwrap();
+        let init_ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((init_ns.dev(), init_ns.ino()), (pod_ns.dev(), pod_ns.ino()), "in the pod's netns");
+        // Writes to / and to the ConfigMap mount fail, even from the host's root through the
+        // container's own mounts; the ConfigMap is there to read.
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        for path in [root.join("written-by-test"), root.join("etc/graceful/x")] {
+            let err = std::fs::File::create(&path).expect_err("a write to a read-only mount");
+            assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{}: {err}", path.display());
+        }
+        assert!(root.join("etc/graceful/graceful.toml").is_file());
+
+        // Exec inside: the probe's help, then the overlay's preStop (its sleep shortened).
+        let help = strings(&["/usr/local/bin/graceful", "shutdown-probe", "--help"]);
+        let out = rt.block_on(c.exec(&help, &[], Duration::from_secs(10))).unwrap();
+        println!("exec {help:?}: {:?} in {} ms", out.status.map(|s| s.code()), out.took.as_millis());
+        assert!(out.status.is_some_and(|s| s.success()), "{out:?}");
+        assert!(out.stdout.contains("--drain"), "{}", out.stdout);
+        let missing = rt.block_on(c.exec(&strings(&["/no/such/binary"]), &[], Duration::from_secs(10))).unwrap();
+        assert!(missing.status.is_some_and(|s| !s.success()), "a missing binary fails: {missing:?}");
+
+        let mut hook = pre_stop.clone();
+        let sleep = hook.iter().position(|a| a == "--sleep").expect("the hook sleeps");
+        hook[sleep + 1] = "1s".into();
+        let out = rt.block_on(c.exec(&hook, &[], Duration::from_secs(20))).unwrap();
+        println!("exec preStop {hook:?}: {:?} in {} ms", out.status.map(|s| s.code()), out.took.as_millis());
+        assert!(out.status.is_some_and(|s| s.success()), "{out:?}");
+        assert_eq!(get_in(&netns, admin, "/readyz"), Ok(503), "the hook put the pod in lame duck");
+
+        // A bounded exec that overruns is killed at its timeout.
+        let slow = strings(&["/usr/local/bin/graceful", "shutdown-probe", "--sleep", "30s"]);
+        let out = rt.block_on(c.exec(&slow, &[], Duration::from_millis(500))).unwrap();
+        assert!(out.status.is_none() && out.took < Duration::from_secs(3), "{out:?}");
+
+        let t = Instant::now();
+        rt.block_on(c.signal(Signal::SIGTERM)).unwrap();
+        let status = rt.block_on(c.wait(Duration::from_secs(15))).unwrap();
+        println!("SIGTERM -> exit {:?} in {} ms", status.code(), t.elapsed().as_millis());
+        assert_eq!(status.code(), Some(0), "{}", log_text());
+        assert_eq!(c.exit_status(), Some(status));
+        rt.block_on(c.delete()).unwrap();
+        assert_removed(&dir.path().join("runtime"), "backend-0");
+    });
+}
+
+#[test]
+fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
+    in_private_world("pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it", &["gcc", "buildah"], || {
+        if let Some(reason) = oci_test_image::missing_tools() {
+            panic!("{reason}");
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        let archive = oci_test_image::build(&dir.path().join("build"));
+        println!("C server image built and packed in {} ms", t.elapsed().as_millis());
+
+        // Also as a layout directory with a tag: the `oci:DIR:TAG` source.
+        let layout = dir.path().join("layout");
+        graceful::lab::node::oci::layout::extract_archive(&archive, &layout).unwrap();
+        let refs = vec![
+            format!("plain=oci-archive:{}", archive.display()).parse().unwrap(),
+            format!("plain-dir=oci:{}:{}", layout.display(), oci_test_image::REF).parse().unwrap(),
+        ];
+        let store = ImageStore::new(dir.path().join("images"), refs).unwrap();
+        let image = rt.block_on(store.image("plain")).unwrap();
+        let from_dir = rt.block_on(store.image("plain-dir")).unwrap();
+        assert_eq!(image.manifest_digest, from_dir.manifest_digest);
+        assert_eq!(image.config.entrypoint, ["/server"]);
+        assert_eq!(image.config.user.as_deref(), Some("65532:65532"));
+
+        let runtime = rt.block_on(Runtime::new(&dir.path().join("runtime"))).unwrap();
+        let netns = pod_netns("pod-2");
+        let spec = ContainerSpec {
+            command: None,
+            args: None,
+            env: vec![],
+            working_dir: None,
+            security: Security::default(),
+            mounts: vec![],
+            netns: netns.path(),
+            hostname: "plain-0".into(),
+        };
+        let log = dir.path().join("plain.log");
+        let c = rt.block_on(runtime.run("plain-0", &from_dir, &spec, &log)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", oci_test_image::PORT).parse().unwrap();
+        assert!(
+            common::eventually(Duration::from_secs(10), || get_in(&netns, addr, "/") == Ok(200)),
+            "the C server does not answer: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        println!("run -> 200 in {} ms", c.created().elapsed().as_millis());
+        assert_eq!(status_field(c.pid(), "SigCgt"), "0000000000000000", "no handler at all");
+
+        rt.block_on(c.signal(Signal::SIGTERM)).unwrap();
+        let e = rt.block_on(c.wait(Duration::from_secs(1))).unwrap_err().to_string();
+        assert!(e.contains("still running after 1s"), "{e}");
+        assert_eq!(get_in(&netns, addr, "/"), Ok(200), "still serving after SIGTERM");
+
+        let t = Instant::now();
+        rt.block_on(c.signal(Signal::SIGKILL)).unwrap();
+        let status = rt.block_on(c.wait(Duration::from_secs(5))).unwrap();
+        println!("SIGKILL -> exit {:?} in {} ms", status.code(), t.elapsed().as_millis());
+        assert_eq!(status.code(), Some(128 + 9), "runc reports 128 + SIGKILL");
+        let e = rt.block_on(c.signal(Signal::SIGTERM)).unwrap_err();
+        assert!(format!("{e:#}").contains("plain-0"), "{e:#}");
+        rt.block_on(c.delete()).unwrap();
+        assert_removed(&dir.path().join("runtime"), "plain-0");
+
+        // A command missing from the image is named, and leaves nothing behind.
+        let mut bad = spec.clone();
+        bad.command = Some(strings(&["/bin/sh", "-c", "true"]));
+        let outcome = rt.block_on(runtime.run("plain-1", &image, &bad, &log));
+        let failed = match outcome {
+            Err(e) => format!("{e:#}"),
+            Ok(c) => {
+                let status = rt.block_on(c.wait(Duration::from_secs(5))).unwrap();
+                assert!(!status.success());
+                rt.block_on(c.delete()).unwrap();
+                std::fs::read_to_string(&log).unwrap()
+            }
+        };
+        assert!(failed.contains("/bin/sh"), "{failed}");
+        assert_removed(&dir.path().join("runtime"), "plain-1");
+
+        // Dropped without `delete`, a running container is still removed.
+        let c = rt.block_on(runtime.run("plain-2", &image, &spec, &log)).unwrap();
+        drop(c);
+        assert_removed(&dir.path().join("runtime"), "plain-2");
+    });
+}
