@@ -205,6 +205,31 @@ fn backend_spec(dir: &Path, netns: &Netns) -> (ContainerSpec, Vec<String>) {
     (spec, pre_stop.command.clone().unwrap())
 }
 
+/// How many processes share the pid namespace of `pid` (the container's init).
+fn processes_in_pid_namespace_of(pid: i32) -> usize {
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| std::fs::read_link(e.path().join("ns/pid")).is_ok_and(|p| p == ns))
+        .count()
+}
+
+/// The C server's container spec: the image's own entrypoint, user and no securityContext.
+fn plain_spec(netns: &Netns, hostname: &str) -> ContainerSpec {
+    ContainerSpec {
+        command: None,
+        args: None,
+        env: vec![],
+        working_dir: None,
+        security: Security::default(),
+        mounts: vec![],
+        netns: netns.path(),
+        hostname: hostname.into(),
+    }
+}
+
 /// After `delete`: no state, overlay or bundle left behind.
 fn assert_removed(runtime_dir: &Path, id: &str) {
     let out = Command::new("runc").arg("--root").arg(runtime_dir.join("runc")).args(["list", "-q"]).output().unwrap();
@@ -298,6 +323,10 @@ fn the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace() {
         let slow = strings(&["/usr/local/bin/graceful", "shutdown-probe", "--sleep", "30s"]);
         let out = rt.block_on(c.exec(&slow, &[], Duration::from_millis(500))).unwrap();
         assert!(out.status.is_none() && out.took < Duration::from_secs(3), "{out:?}");
+        assert!(
+            common::eventually(Duration::from_secs(2), || processes_in_pid_namespace_of(pid) == 1),
+            "the timed-out command still runs in the container"
+        );
 
         let t = Instant::now();
         rt.block_on(c.signal(Signal::SIGTERM)).unwrap();
@@ -338,16 +367,7 @@ fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
 
         let runtime = rt.block_on(Runtime::new(&dir.path().join("runtime"))).unwrap();
         let netns = pod_netns("pod-2");
-        let spec = ContainerSpec {
-            command: None,
-            args: None,
-            env: vec![],
-            working_dir: None,
-            security: Security::default(),
-            mounts: vec![],
-            netns: netns.path(),
-            hostname: "plain-0".into(),
-        };
+        let spec = plain_spec(&netns, "plain-0");
         let log = dir.path().join("plain.log");
         let c = rt.block_on(runtime.run("plain-0", &from_dir, &spec, &log)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", oci_test_image::PORT).parse().unwrap();
@@ -394,5 +414,75 @@ fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
         let c = rt.block_on(runtime.run("plain-2", &image, &spec, &log)).unwrap();
         drop(c);
         assert_removed(&dir.path().join("runtime"), "plain-2");
+    });
+}
+
+/// Set in the killed-lab test's victim: the directory of its runtime.
+const VICTIM: &str = "OCI_RUNTIME_TEST_VICTIM";
+
+/// The victim: a "lab" that runs one container, says its init's pid, and waits to be killed.
+fn victim(dir: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let archive = dir.join("build/plain-server.oci.tar");
+    let refs = vec![format!("plain=oci-archive:{}", archive.display()).parse().unwrap()];
+    let store = ImageStore::new(dir.join("images"), refs).unwrap();
+    let image = rt.block_on(store.image("plain")).unwrap();
+    let runtime = rt.block_on(Runtime::new(&dir.join("runtime"))).unwrap();
+    let spec = plain_spec(&Netns::new("pod-3"), "plain-0");
+    let c = rt.block_on(runtime.run("plain-0", &image, &spec, &dir.join("plain.log"))).unwrap();
+    println!("INIT {}", c.pid());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn a_killed_lab_leaves_no_container_running() {
+    if let Some(dir) = std::env::var_os(VICTIM) {
+        victim(Path::new(&dir));
+        return;
+    }
+    in_private_world("a_killed_lab_leaves_no_container_running", &["gcc", "buildah"], || {
+        if let Some(reason) = oci_test_image::missing_tools() {
+            panic!("{reason}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        oci_test_image::build(&dir.path().join("build"));
+        let netns = pod_netns("pod-3");
+        let mut lab = Command::new(std::env::current_exe().unwrap())
+            .args(["a_killed_lab_leaves_no_container_running", "--exact", "--nocapture"])
+            .env(VICTIM, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = lab.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(pid) = line.split("INIT ").nth(1) {
+                    let _ = tx.send(pid.trim().parse::<i32>().unwrap());
+                }
+            }
+        });
+        let init = rx.recv_timeout(Duration::from_secs(30)).expect("the victim lab started its container");
+        let addr: SocketAddr = format!("127.0.0.1:{}", oci_test_image::PORT).parse().unwrap();
+        assert!(common::eventually(Duration::from_secs(5), || get_in(&netns, addr, "/") == Ok(200)));
+
+        // SIGKILL: the lab runs no clean-up code of its own.
+        lab.kill().unwrap();
+        lab.wait().unwrap();
+        let init = nix::unistd::Pid::from_raw(init);
+        let gone = common::eventually(Duration::from_secs(10), || nix::sys::signal::kill(init, None).is_err());
+        assert!(gone, "the container outlived the lab");
+        assert!(get_in(&netns, addr, "/").is_err(), "something still serves in the pod");
+        let out = Command::new("runc").arg("--root").arg(dir.path().join("runtime/runc")).args(["list", "-q"]).output();
+        assert_eq!(String::from_utf8_lossy(&out.unwrap().stdout).trim(), "", "runc still lists it");
+        assert_eq!(graceful_cgroups(Some(lab.id())), Vec::<String>::new(), "its cgroup is left");
+
+        // Files and the overlay mount stay for a sweep by the next runtime over the same directory.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let runtime = rt.block_on(Runtime::new(&dir.path().join("runtime"))).unwrap();
+        assert_eq!(rt.block_on(runtime.sweep()).unwrap(), 0, "the guard already deleted the container");
+        assert_removed(&dir.path().join("runtime"), "plain-0");
     });
 }

@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
+use super::guard::Guard;
 use super::image_store::Image;
 use super::rootfs::ContainerRootfs;
 use super::runtime_config::{self, ContainerSpec};
@@ -34,6 +36,8 @@ pub struct Runtime {
     bundles: PathBuf,
     /// Prefixes cgroup names (the cgroup tree is the host's, shared by every lab).
     cgroup_prefix: String,
+    /// Deletes what is left under `root` when the runtime is dropped or the lab dies.
+    _guard: Guard,
 }
 
 /// What a command run in a container printed, and how it ended.
@@ -61,6 +65,7 @@ pub struct Container {
 
 impl Runtime {
     /// A runtime keeping its state under `dir` (created). Fails, naming runc, when runc is absent.
+    /// Its containers do not outlive it: dropping it (or the lab's death) deletes them.
     pub async fn new(dir: &Path) -> Result<Runtime> {
         let (root, bundles) = (dir.join("runc"), dir.join("containers"));
         for d in [&root, &bundles] {
@@ -72,7 +77,8 @@ impl Runtime {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let cgroup_prefix = format!("graceful-{}-{nanos:x}", std::process::id());
-        Ok(Runtime { root, bundles, cgroup_prefix })
+        let _guard = Guard::start(&root)?;
+        Ok(Runtime { root, bundles, cgroup_prefix, _guard })
     }
 
     fn runc(&self) -> tokio::process::Command {
@@ -146,7 +152,9 @@ impl Runtime {
         Ok(Container::new(id, &self.root, bundle, rootfs, pid, exit, created))
     }
 
-    /// Deletes every container left under this runtime's root (by an earlier, killed lab).
+    /// Deletes every container left under this runtime's root and every bundle (its overlay
+    /// unmounted): what a lab that lost its `Container`s (a panic, a kill) left behind. Returns
+    /// how many containers runc still listed.
     pub async fn sweep(&self) -> Result<usize> {
         let mut list = self.runc();
         list.args(["list", "--quiet"]);
@@ -157,6 +165,14 @@ impl Runtime {
             delete.args(["delete", "--force", id]);
             tool::run(delete, RUNC_BOUND).await?;
             n += 1;
+        }
+        let mut bundles = tokio::fs::read_dir(&self.bundles).await?;
+        while let Some(bundle) = bundles.next_entry().await? {
+            // Not mounted (already gone, or never mounted) is fine: EINVAL.
+            let _ = umount2(&bundle.path().join("rootfs"), MntFlags::MNT_DETACH);
+            tokio::fs::remove_dir_all(bundle.path())
+                .await
+                .with_context(|| format!("removing {}", bundle.path().display()))?;
         }
         Ok(n)
     }
@@ -270,6 +286,7 @@ impl Container {
         run_group::join(&mut cmd);
         let child = cmd.spawn().context("cannot start `runc exec`")?;
         let result = tokio::time::timeout(timeout, child.wait_with_output()).await;
+        let exec_pid = read_pid(&pid_file).await;
         let _ = tokio::fs::remove_file(&pid_file).await;
         match result {
             Ok(out) => {
@@ -284,7 +301,7 @@ impl Container {
             Err(_) => {
                 // runc exec was killed with the dropped future; the command it started is not its
                 // child any more: kill it by the pid runc recorded.
-                if let Some(pid) = read_pid_sync(&pid_file) {
+                if let Some(pid) = exec_pid {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
                 }
                 Ok(ExecOutput { status: None, stdout: String::new(), stderr: String::new(), took: t.elapsed() })
@@ -315,10 +332,6 @@ impl Container {
             Err(e) => Err(e),
         }
     }
-}
-
-fn read_pid_sync(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|p| *p > 0)
 }
 
 impl Drop for Container {

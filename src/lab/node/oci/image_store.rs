@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
 use oci_spec::image::{Arch, Digest, Os};
 use tokio::sync::Mutex;
 
@@ -35,6 +36,22 @@ pub struct ImageRunConfig {
     pub working_dir: Option<String>,
     /// e.g. `SIGQUIT`; the runtime's stop signal when the pod does not choose one.
     pub stop_signal: Option<String>,
+}
+
+impl ImageRunConfig {
+    /// The image's `StopSignal` (`SIGQUIT`, `QUIT` or `3`); SIGTERM when it sets none.
+    pub fn stop_signal(&self) -> Result<Signal> {
+        let Some(text) = self.stop_signal.as_deref() else { return Ok(Signal::SIGTERM) };
+        let parsed = match text.parse::<i32>() {
+            Ok(n) => Signal::try_from(n).ok(),
+            Err(_) => {
+                let name = text.to_ascii_uppercase();
+                let name = if name.starts_with("SIG") { name } else { format!("SIG{name}") };
+                name.parse::<Signal>().ok()
+            }
+        };
+        parsed.with_context(|| format!("the image's StopSignal `{text}` is not a signal"))
+    }
 }
 
 /// An unpacked image, shared read-only by every container made from it.
@@ -194,6 +211,17 @@ mod tests {
         let refs = vec!["a=oci:/x".parse().unwrap(), "a=oci:/y".parse().unwrap()];
         let e = ImageStore::new("/tmp/unused", refs).err().unwrap().to_string();
         assert!(e.contains("--image a=oci:/y: image `a` is given twice"), "{e}");
+    }
+
+    #[test]
+    fn stop_signals_by_name_or_number() {
+        let with = |s: Option<&str>| ImageRunConfig { stop_signal: s.map(str::to_string), ..Default::default() };
+        assert_eq!(with(None).stop_signal().unwrap(), Signal::SIGTERM);
+        assert_eq!(with(Some("SIGQUIT")).stop_signal().unwrap(), Signal::SIGQUIT);
+        assert_eq!(with(Some("int")).stop_signal().unwrap(), Signal::SIGINT);
+        assert_eq!(with(Some("9")).stop_signal().unwrap(), Signal::SIGKILL);
+        let e = with(Some("SIGNOPE")).stop_signal().unwrap_err().to_string();
+        assert!(e.contains("StopSignal `SIGNOPE`"), "{e}");
     }
 
     #[test]

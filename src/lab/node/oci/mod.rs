@@ -11,6 +11,7 @@
 //! Needs root, runc and umoci; nothing is pulled from a registry.
 
 pub mod container;
+pub mod guard;
 pub mod image_store;
 pub mod layout;
 pub mod reference;
