@@ -161,8 +161,6 @@ fn backend_spec(dir: &Path, netns: &Netns) -> (ContainerSpec, Vec<String>) {
     }
     let pod = deployment.unwrap().spec.unwrap().template.spec.unwrap();
     let c = pod.containers.iter().find(|c| c.name == "backend").unwrap();
-    let security = Security::from_kubernetes(pod.security_context.as_ref(), c.security_context.as_ref()).unwrap();
-
     let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == "/etc/graceful").unwrap();
     let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
     let map_name = &volume.config_map.as_ref().unwrap().name;
@@ -188,20 +186,18 @@ fn backend_spec(dir: &Path, netns: &Netns) -> (ContainerSpec, Vec<String>) {
         .collect();
     env.push(("GRACEFUL_SHUTDOWN__DRAIN_DELAY".into(), "1s".into()));
     let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap().exec.as_ref().unwrap();
-    let spec = ContainerSpec {
-        command: c.command.clone(),
-        args: c.args.clone(),
-        env,
-        working_dir: c.working_dir.clone(),
-        security,
-        mounts: vec![BindMount {
+    // A single file mounted as the kubelet mounts /etc/hosts.
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 backend-0\n").unwrap();
+    let mounts = vec![
+        BindMount {
             source: files,
             destination: mount.mount_path.clone().into(),
             read_only: mount.read_only == Some(true),
-        }],
-        netns: netns.path(),
-        hostname: "backend-0".into(),
-    };
+        },
+        BindMount { source: hosts, destination: "/etc/hosts".into(), read_only: true },
+    ];
+    let spec = ContainerSpec::from_kubernetes(&pod, c, env, mounts, netns.path(), "backend-0").unwrap();
     (spec, pre_stop.command.clone().unwrap())
 }
 
@@ -301,6 +297,8 @@ fn the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace() {
             assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{}: {err}", path.display());
         }
         assert!(root.join("etc/graceful/graceful.toml").is_file());
+        let hosts = std::fs::read_to_string(root.join("etc/hosts")).unwrap();
+        assert!(hosts.contains("backend-0"), "the hosts file is mounted: {hosts}");
 
         // Exec inside: the probe's help, then the overlay's preStop (its sleep shortened).
         let help = strings(&["/usr/local/bin/graceful", "shutdown-probe", "--help"]);

@@ -16,7 +16,7 @@ use oci_spec::image::{Arch, Digest, Os};
 use tokio::sync::Mutex;
 
 use super::layout::{self, LayoutImage};
-use super::reference::{ImageRef, ImageSource};
+use super::reference::{normalize_name, ImageRef, ImageSource};
 use super::tool;
 
 /// Unpacking the 6 MB graceful image takes ≈ 0.2 s; this bound only stops a hang on a huge image.
@@ -80,7 +80,7 @@ impl ImageStore {
     /// name are an error naming it.
     pub fn new(dir: impl Into<PathBuf>, refs: Vec<ImageRef>) -> Result<ImageStore> {
         for (i, r) in refs.iter().enumerate() {
-            if refs[..i].iter().any(|earlier| earlier.name == r.name) {
+            if refs[..i].iter().any(|earlier| normalize_name(&earlier.name) == normalize_name(&r.name)) {
                 bail!("--image {r}: image `{}` is given twice", r.name);
             }
         }
@@ -92,13 +92,14 @@ impl ImageStore {
         self.refs.iter().map(|r| r.name.as_str())
     }
 
-    /// The image a manifest names, unpacked on first use.
+    /// The image a manifest names (`nginx` and `nginx:latest` alike), unpacked on first use.
     pub async fn image(&self, name: &str) -> Result<Arc<Image>> {
+        let key = normalize_name(name);
         let mut resolved = self.resolved.lock().await;
-        if let Some(image) = resolved.get(name) {
+        if let Some(image) = resolved.get(&key) {
             return Ok(image.clone());
         }
-        let Some(reference) = self.refs.iter().find(|r| r.name == name) else {
+        let Some(reference) = self.refs.iter().find(|r| normalize_name(&r.name) == key) else {
             let known: Vec<&str> = self.names().collect();
             bail!(
                 "image `{name}` has no local source (known: {}); give one with --image {name}=oci-archive:PATH",
@@ -106,7 +107,7 @@ impl ImageStore {
             );
         };
         let image = Arc::new(self.unpack(reference).await.with_context(|| format!("image {reference}"))?);
-        resolved.insert(name.to_string(), image.clone());
+        resolved.insert(key, image.clone());
         Ok(image)
     }
 
@@ -208,9 +209,9 @@ mod tests {
 
     #[test]
     fn a_name_given_twice_is_refused() {
-        let refs = vec!["a=oci:/x".parse().unwrap(), "a=oci:/y".parse().unwrap()];
+        let refs = vec!["a=oci:/x".parse().unwrap(), "a:latest=oci:/y".parse().unwrap()];
         let e = ImageStore::new("/tmp/unused", refs).err().unwrap().to_string();
-        assert!(e.contains("--image a=oci:/y: image `a` is given twice"), "{e}");
+        assert!(e.contains("--image a:latest=oci:/y: image `a:latest` is given twice"), "{e}");
     }
 
     #[test]

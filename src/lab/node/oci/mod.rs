@@ -24,6 +24,6 @@ pub mod user;
 
 pub use container::{Container, ExecOutput, Runtime};
 pub use image_store::{Image, ImageRunConfig, ImageStore};
-pub use reference::{ImageRef, ImageSource};
+pub use reference::{normalize_name, with_default_graceful, ImageRef, ImageSource};
 pub use runtime_config::{BindMount, ContainerSpec};
 pub use security::{Seccomp, Security};

@@ -8,7 +8,7 @@
 //! one image. As in containers-transports(5), the path ends at its first `:`.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
@@ -91,6 +91,34 @@ impl FromStr for ImageRef {
     }
 }
 
+/// An image name as Kubernetes reads it, for matching: `nginx`, `nginx:latest`,
+/// `docker.io/library/nginx` and `docker.io/library/nginx:latest` are one image. A digest
+/// (`@sha256:…`) is kept as written.
+pub fn normalize_name(name: &str) -> String {
+    let short = name.strip_prefix("docker.io/").unwrap_or(name);
+    let short = short.strip_prefix("library/").filter(|rest| !rest.contains('/')).unwrap_or(short);
+    // A tag is a `:` after the last `/` (a registry's `host:port/` is not one).
+    let last = short.rsplit('/').next().unwrap_or(short);
+    if short.contains('@') || last.contains(':') {
+        short.to_string()
+    } else {
+        format!("{short}:latest")
+    }
+}
+
+/// The references the node uses: `explicit` ones, plus `graceful:latest` from the CI-built
+/// archive when it exists and no explicit reference names that image.
+pub fn with_default_graceful(mut explicit: Vec<ImageRef>, ci_archive: &Path) -> Vec<ImageRef> {
+    let named = explicit.iter().any(|r| normalize_name(&r.name) == "graceful:latest");
+    if !named && ci_archive.is_file() {
+        explicit.push(ImageRef {
+            name: "graceful:latest".into(),
+            source: ImageSource::Archive { path: ci_archive.to_path_buf(), tag: Some("graceful:latest".into()) },
+        });
+    }
+    explicit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +139,29 @@ mod tests {
         let r = parse("web=oci:/var/images/web:v2");
         assert_eq!(r.source, ImageSource::Layout { dir: "/var/images/web".into(), tag: Some("v2".into()) });
         assert_eq!(r.to_string(), "web=oci:/var/images/web:v2");
+    }
+
+    #[test]
+    fn names_match_as_kubernetes_reads_them() {
+        for same in ["nginx", "nginx:latest", "docker.io/library/nginx", "docker.io/nginx:latest"] {
+            assert_eq!(normalize_name(same), "nginx:latest", "{same}");
+        }
+        assert_eq!(normalize_name("ghcr.io/x/app"), "ghcr.io/x/app:latest");
+        assert_eq!(normalize_name("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(normalize_name("app:1.2"), "app:1.2");
+        assert_eq!(normalize_name("app@sha256:abc"), "app@sha256:abc");
+    }
+
+    #[test]
+    fn the_ci_archive_is_the_default_graceful_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("graceful.oci.tar");
+        assert!(with_default_graceful(vec![], &archive).is_empty(), "absent archive: no default");
+        std::fs::write(&archive, b"").unwrap();
+        let refs = with_default_graceful(vec![], &archive);
+        assert_eq!(refs[0].to_string(), format!("graceful:latest=oci-archive:{}:graceful:latest", archive.display()));
+        let mine: ImageRef = "graceful=oci:/srv/layout".parse().unwrap();
+        assert_eq!(with_default_graceful(vec![mine.clone()], &archive), [mine], "an explicit one wins");
     }
 
     #[test]

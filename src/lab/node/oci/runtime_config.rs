@@ -11,9 +11,14 @@ use oci_spec::runtime::{
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+
 use super::image_store::ImageRunConfig;
 use super::security::{Seccomp, Security};
 use super::user;
+use crate::lab::node::pod_spec::expand;
 
 /// The PATH a container gets when its image sets none (as containerd does).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -49,6 +54,36 @@ pub struct ContainerSpec {
     pub netns: PathBuf,
     /// The pod's name.
     pub hostname: String,
+}
+
+impl ContainerSpec {
+    /// The spec of container `c` of `pod`: its securityContext merged with the pod's, `command`
+    /// and `args` with `$(VAR)` expanded from `env` (the container's variables, already resolved
+    /// by the kubelet: Downward API values filled in), its workingDir; the kubelet's `mounts`
+    /// (ConfigMap files, emptyDirs, /etc/hosts), the pod's `netns` and the pod name as hostname.
+    pub fn from_kubernetes(
+        pod: &PodSpec,
+        c: &Container,
+        env: Vec<(String, String)>,
+        mounts: Vec<BindMount>,
+        netns: PathBuf,
+        hostname: &str,
+    ) -> Result<ContainerSpec> {
+        let security = Security::from_kubernetes(pod.security_context.as_ref(), c.security_context.as_ref())
+            .with_context(|| format!("container `{}`", c.name))?;
+        let vars: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let expand_all = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(|a| expand(a, &vars)).collect());
+        Ok(ContainerSpec {
+            command: expand_all(&c.command),
+            args: expand_all(&c.args),
+            working_dir: c.working_dir.clone(),
+            env,
+            security,
+            mounts,
+            netns,
+            hostname: hostname.to_string(),
+        })
+    }
 }
 
 /// The command line Kubernetes runs: `command` + `args`, else Entrypoint + `args`, else
@@ -203,6 +238,29 @@ mod tests {
         assert_eq!(argv(&i, Some(&command), Some(&args)).unwrap(), strings(&["/bin/server", "backend"]));
         let e = argv(&ImageRunConfig::default(), None, None).unwrap_err().to_string();
         assert!(e.contains("no Entrypoint or Cmd"), "{e}");
+    }
+
+    #[test]
+    fn from_kubernetes_merges_security_and_expands_variables() {
+        let pod: PodSpec =
+            serde_yaml::from_str("containers: []\nsecurityContext: {runAsUser: 1000, runAsNonRoot: true}\n").unwrap();
+        let c: Container = serde_yaml::from_str(
+            "name: web\ncommand: [/server, --name, $(POD_NAME)]\nargs: [--port, $(PORT), $$(PORT)]\n\
+             workingDir: /srv\nsecurityContext: {runAsUser: 65532, readOnlyRootFilesystem: true}\n",
+        )
+        .unwrap();
+        let env = vec![("POD_NAME".to_string(), "web-0".to_string()), ("PORT".to_string(), "8080".to_string())];
+        let spec = ContainerSpec::from_kubernetes(&pod, &c, env, vec![], "/run/netns/pod-1".into(), "web-0").unwrap();
+        assert_eq!(spec.command.unwrap(), strings(&["/server", "--name", "web-0"]));
+        assert_eq!(spec.args.unwrap(), strings(&["--port", "8080", "$(PORT)"]));
+        assert_eq!(spec.working_dir.as_deref(), Some("/srv"));
+        let s = spec.security;
+        assert_eq!((s.run_as_user, s.run_as_non_root, s.read_only_root), (Some(65532), true, true));
+
+        let bad: Container = serde_yaml::from_str("name: web\nsecurityContext: {privileged: true}\n").unwrap();
+        let e =
+            format!("{:#}", ContainerSpec::from_kubernetes(&pod, &bad, vec![], vec![], "/x".into(), "p").unwrap_err());
+        assert!(e.contains("container `web`") && e.contains("privileged"), "{e}");
     }
 
     #[test]
