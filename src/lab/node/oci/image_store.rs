@@ -39,6 +39,24 @@ pub struct ImageRunConfig {
 }
 
 impl ImageRunConfig {
+    /// The image configuration's run fields; an image for another OS or architecture is refused.
+    pub fn from_layout(image: &LayoutImage) -> Result<ImageRunConfig> {
+        let c = &image.config;
+        if *c.os() != Os::Linux || *c.architecture() != Arch::Amd64 {
+            bail!("the image is for {}/{}, this node runs linux/amd64", c.os(), c.architecture());
+        }
+        let Some(run) = c.config() else { return Ok(ImageRunConfig::default()) };
+        let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        Ok(ImageRunConfig {
+            entrypoint: run.entrypoint().clone().unwrap_or_default(),
+            cmd: run.cmd().clone().unwrap_or_default(),
+            env: run.env().clone().unwrap_or_default(),
+            user: non_empty(run.user()),
+            working_dir: non_empty(run.working_dir()),
+            stop_signal: non_empty(run.stop_signal()),
+        })
+    }
+
     /// The image's `StopSignal` (`SIGQUIT`, `QUIT` or `3`); SIGTERM when it sets none.
     pub fn stop_signal(&self) -> Result<Signal> {
         let Some(text) = self.stop_signal.as_deref() else { return Ok(Signal::SIGTERM) };
@@ -132,7 +150,7 @@ impl ImageStore {
             let dir = layout_dir.clone();
             tokio::task::spawn_blocking(move || layout::read(&dir, tag.as_deref())).await??
         };
-        let config = run_config(&found)?;
+        let config = ImageRunConfig::from_layout(&found)?;
         let unpacked = self.dir.join("rootfs").join(found.manifest_digest.digest());
         let rootfs = unpacked.join("rootfs");
         if !unpacked.join(COMPLETE_MARK).exists() {
@@ -159,24 +177,6 @@ impl ImageStore {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-}
-
-/// The image configuration's run fields; an image for another OS or architecture is refused.
-fn run_config(image: &LayoutImage) -> Result<ImageRunConfig> {
-    let c = &image.config;
-    if *c.os() != Os::Linux || *c.architecture() != Arch::Amd64 {
-        bail!("the image is for {}/{}, this node runs linux/amd64", c.os(), c.architecture());
-    }
-    let Some(run) = c.config() else { return Ok(ImageRunConfig::default()) };
-    let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
-    Ok(ImageRunConfig {
-        entrypoint: run.entrypoint().clone().unwrap_or_default(),
-        cmd: run.cmd().clone().unwrap_or_default(),
-        env: run.env().clone().unwrap_or_default(),
-        user: non_empty(run.user()),
-        working_dir: non_empty(run.working_dir()),
-        stop_signal: non_empty(run.stop_signal()),
-    })
 }
 
 /// An image name as a directory name: `ghcr.io/x/app:1.0` → `ghcr.io_x_app_1.0`.
