@@ -56,12 +56,12 @@ fn skip_reason(extra_tools: &[&str]) -> Option<String> {
     tool_missing(&tools).or_else(|| private_world::probe().err().map(|e| format!("{e:#}")))
 }
 
-/// What the host shows that a leak would change.
+/// What the host shows that a leak would change. (Cgroups are checked per world: other tests
+/// of this binary run containers at the same time.)
 #[derive(Debug, PartialEq, Eq)]
 struct HostSnapshot {
     links: String,
     netns: String,
-    graceful_cgroups: Vec<String>,
     overlay_mounts: usize,
 }
 
@@ -75,15 +75,15 @@ impl HostSnapshot {
         HostSnapshot {
             links: run(&["ip", "-o", "link"]),
             netns: run(&["ip", "netns", "list"]),
-            graceful_cgroups: graceful_cgroups(None),
             overlay_mounts: mounts.lines().filter(|l| l.contains(" - overlay ")).count(),
         }
     }
 }
 
-/// Cgroup directories our runtime creates (`graceful-PID-…`), one level below each hierarchy.
-fn graceful_cgroups(pid: Option<u32>) -> Vec<String> {
-    let prefix = pid.map_or_else(|| "graceful-".to_string(), |p| format!("graceful-{p}-"));
+/// Cgroup directories the runtime of process `pid` creates (`graceful-PID-…`), one level below
+/// each hierarchy.
+fn graceful_cgroups(pid: u32) -> Vec<String> {
+    let prefix = format!("graceful-{pid}-");
     let mut found = Vec::new();
     for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
         for entry in std::fs::read_dir(hierarchy.path()).into_iter().flatten().flatten() {
@@ -102,7 +102,8 @@ fn in_private_world(name: &str, extra_tools: &[&str], body: impl FnOnce()) {
         body();
         return;
     }
-    if let Some(reason) = skip_reason(extra_tools) {
+    let image_tools = || if extra_tools.is_empty() { None } else { oci_test_image::missing_tools() };
+    if let Some(reason) = skip_reason(extra_tools).or_else(image_tools) {
         eprintln!("skipped: {reason}");
         return;
     }
@@ -115,11 +116,13 @@ fn in_private_world(name: &str, extra_tools: &[&str], body: impl FnOnce()) {
         .process_group(0)
         .spawn()
         .expect("spawn the inner test");
+    let world = child.id();
     let (status, out, err) = common::wait_bounded(child, WORLD_BOUND);
     println!("{out}\n{err}");
     assert!(status.success(), "inner half of {name} failed ({status}):\n{out}\n{err}");
     assert!(out.contains("1 passed"), "the inner half of {name} did not run:\n{out}");
     assert_eq!(HostSnapshot::take(), before, "the host changed");
+    assert_eq!(graceful_cgroups(world), Vec::<String>::new(), "cgroups left by the world's runtime");
 }
 
 /// A pod network namespace inside the world, loopback up.
@@ -234,7 +237,7 @@ fn assert_removed(runtime_dir: &Path, id: &str) {
     assert!(!bundle.exists(), "{} is left", bundle.display());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&bundle.display().to_string()), "the overlay is still mounted");
-    assert_eq!(graceful_cgroups(Some(std::process::id())), Vec::<String>::new(), "cgroups left");
+    assert_eq!(graceful_cgroups(std::process::id()), Vec::<String>::new(), "cgroups left");
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -475,7 +478,7 @@ fn a_killed_lab_leaves_no_container_running() {
         assert!(get_in(&netns, addr, "/").is_err(), "something still serves in the pod");
         let out = Command::new("runc").arg("--root").arg(dir.path().join("runtime/runc")).args(["list", "-q"]).output();
         assert_eq!(String::from_utf8_lossy(&out.unwrap().stdout).trim(), "", "runc still lists it");
-        assert_eq!(graceful_cgroups(Some(lab.id())), Vec::<String>::new(), "its cgroup is left");
+        assert_eq!(graceful_cgroups(lab.id()), Vec::<String>::new(), "its cgroup is left");
 
         // Files and the overlay mount stay for a sweep by the next runtime over the same directory.
         let rt = tokio::runtime::Runtime::new().unwrap();

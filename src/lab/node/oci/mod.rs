@@ -6,9 +6,24 @@
 //!   shared rootfs and the image's run configuration (entrypoint, cmd, env, user, workdir, stop signal).
 //! - [`ContainerSpec`] + [`Security`]: what the kubelet resolved for one container; turned into the
 //!   runtime config by [`runtime_config::build`].
-//! - [`Runtime`] / [`Container`]: run, signal, exec, wait and delete through runc, state under the run dir.
+//! - [`Runtime`] / [`Container`]: run, signal, exec, wait and delete through runc, state under the
+//!   run dir; a guard deletes whatever is left when the runtime is dropped or the lab dies.
 //!
-//! Needs root, runc and umoci; nothing is pulled from a registry.
+//! How the kubelet drives it (one `ImageStore` and one `Runtime` per lab run; root, runc, umoci):
+//!
+//! ```text
+//! let refs = with_default_graceful(cli_refs, &target_dir.join("image/graceful.oci.tar"));
+//! let images = ImageStore::new(run_dir.join("images"), refs)?;
+//! let runtime = Runtime::new(&run_dir.join("oci")).await?;
+//! // per pod:
+//! let image = images.image(container.image.as_deref().unwrap_or_default()).await?;
+//! let spec = ContainerSpec::from_kubernetes(&pod_spec, &container, env, mounts, netns_path, &pod_name)?;
+//! let c = runtime.run(&pod_name, &image, &spec, &log_path).await?;
+//! // exec probes and preStop exec hooks:   c.exec(&argv, &[], probe_timeout).await?  (status None = timed out)
+//! // stop: c.signal(image.config.stop_signal()?).await?; then c.wait(grace).await, else
+//! //       c.signal(Signal::SIGKILL).await? and c.wait(bound).await?
+//! // end:  c.delete().await?
+//! ```
 
 pub mod container;
 pub mod guard;
