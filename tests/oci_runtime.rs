@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use graceful::lab::kernel_node::netns::Netns;
 use graceful::lab::kernel_node::private_world;
-use graceful::lab::node::oci::{BindMount, Container, ContainerSpec, ImageStore, Runtime, Security};
+use graceful::lab::node::oci::{BindMount, Container, ContainerSpec, ImageStore, Resources, Runtime, Security};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use nix::sys::signal::Signal;
@@ -226,7 +226,25 @@ fn plain_spec(netns: &Netns, hostname: &str) -> ContainerSpec {
         mounts: vec![],
         netns: netns.path(),
         hostname: hostname.into(),
+        resources: Resources::default(),
     }
+}
+
+/// A cgroup v1 file of process `pid` in `controller` (e.g. memory, memory.limit_in_bytes).
+fn cgroup_file(pid: i32, controller: &str, file: &str) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers.split(',').any(|c| c == controller).then(|| format!("/sys/fs/cgroup/{controllers}{path}"))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {cgroups}"));
+    std::fs::read_to_string(format!("{path}/{file}"))
+        .unwrap_or_else(|e| panic!("{path}/{file}: {e}"))
+        .trim()
+        .to_string()
 }
 
 /// After `delete`: no state, overlay or bundle left behind.
@@ -368,7 +386,12 @@ fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
 
         let runtime = rt.block_on(Runtime::new(&dir.path().join("runtime"))).unwrap();
         let netns = pod_netns("pod-2");
-        let spec = plain_spec(&netns, "plain-0");
+        // Limits as a manifest gives them: 64Mi of memory, a quarter of a CPU.
+        let resources = serde_yaml::from_str("limits: {cpu: 250m, memory: 64Mi}\nrequests: {cpu: 100m}\n").unwrap();
+        let spec = ContainerSpec {
+            resources: Resources::from_kubernetes(Some(&resources)).unwrap(),
+            ..plain_spec(&netns, "plain-0")
+        };
         let log = dir.path().join("plain.log");
         let c = rt.block_on(runtime.run("plain-0", &from_dir, &spec, &log)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", oci_test_image::PORT).parse().unwrap();
@@ -379,6 +402,9 @@ fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
         );
         println!("run -> 200 in {} ms", c.created().elapsed().as_millis());
         assert_eq!(status_field(c.pid(), "SigCgt"), "0000000000000000", "no handler at all");
+        assert_eq!(cgroup_file(c.pid(), "memory", "memory.limit_in_bytes"), (64 << 20).to_string());
+        assert_eq!(cgroup_file(c.pid(), "cpu", "cpu.cfs_quota_us"), "25000");
+        assert_eq!(cgroup_file(c.pid(), "cpu", "cpu.shares"), "102");
 
         rt.block_on(c.signal(Signal::SIGTERM)).unwrap();
         let e = rt.block_on(c.wait(Duration::from_secs(1))).unwrap_err().to_string();

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::{
     Capabilities, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxNamespace,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
-    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
 use std::collections::BTreeMap;
@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 
 use super::image_store::ImageRunConfig;
+use super::resources::Resources;
 use super::security::{Seccomp, Security};
 use super::user;
 use crate::lab::node::pod_spec::expand;
@@ -54,6 +55,8 @@ pub struct ContainerSpec {
     pub netns: PathBuf,
     /// The pod's name.
     pub hostname: String,
+    /// Memory and CPU limits, CPU request (cgroups).
+    pub resources: Resources,
 }
 
 impl ContainerSpec {
@@ -73,7 +76,10 @@ impl ContainerSpec {
             .with_context(|| format!("container `{}`", c.name))?;
         let vars: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let expand_all = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(|a| expand(a, &vars)).collect());
+        let resources =
+            Resources::from_kubernetes(c.resources.as_ref()).with_context(|| format!("container `{}`", c.name))?;
         Ok(ContainerSpec {
+            resources,
             command: expand_all(&c.command),
             args: expand_all(&c.args),
             working_dir: c.working_dir.clone(),
@@ -189,9 +195,7 @@ pub fn build(image: &ImageRunConfig, image_rootfs: &Path, spec: &ContainerSpec, 
         .readonly_paths(oci_spec::runtime::get_default_readonly_paths())
         // Device nodes: none beyond the standard ones runc always creates.
         .resources(
-            LinuxResourcesBuilder::default()
-                .devices(vec![LinuxDeviceCgroupBuilder::default().allow(false).access("rwm").build()?])
-                .build()?,
+            spec.resources.to_linux(vec![LinuxDeviceCgroupBuilder::default().allow(false).access("rwm").build()?])?,
         );
     if sec.seccomp == Seccomp::RuntimeDefault {
         linux = linux.seccomp(super::seccomp::runtime_default());
@@ -281,6 +285,7 @@ mod tests {
             mounts,
             netns: "/run/netns/pod-1".into(),
             hostname: "backend-0".into(),
+            resources: Resources::default(),
         }
     }
 
