@@ -327,6 +327,12 @@ fn the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace() {
         println!("exec {help:?}: {:?} in {} ms", out.status.map(|s| s.code()), out.took.as_millis());
         assert!(out.status.is_some_and(|s| s.success()), "{out:?}");
         assert!(out.stdout.contains("--drain"), "{}", out.stdout);
+        // The exec's own environment reaches the command: the binary names the config file it was given.
+        let env = [("GRACEFUL_CONFIG".to_string(), "/nope-from-exec.toml".to_string())];
+        let backend = strings(&["/usr/local/bin/graceful", "backend"]);
+        let out = rt.block_on(c.exec(&backend, &env, Duration::from_secs(10))).unwrap();
+        assert!(out.status.is_some_and(|s| !s.success()), "{out:?}");
+        assert!(out.stderr.contains("/nope-from-exec.toml (GRACEFUL_CONFIG)"), "{out:?}");
         let missing = rt.block_on(c.exec(&strings(&["/no/such/binary"]), &[], Duration::from_secs(10))).unwrap();
         assert!(missing.status.is_some_and(|s| !s.success()), "a missing binary fails: {missing:?}");
 
