@@ -443,6 +443,12 @@ fn pid_one_without_a_handler_ignores_sigterm_and_only_sigkill_ends_it() {
         assert!(failed.contains("/bin/sh"), "{failed}");
         assert_removed(&dir.path().join("runtime"), "plain-1");
 
+        // A spec the runtime refuses names the field and leaves no bundle or mount behind.
+        let bad = ContainerSpec { working_dir: Some("srv".into()), ..spec.clone() };
+        let e = rt.block_on(runtime.run("plain-3", &image, &bad, &log)).err().expect("refused");
+        assert!(format!("{e:#}").contains("workingDir `srv`"), "{e:#}");
+        assert_removed(&dir.path().join("runtime"), "plain-3");
+
         // Dropped without `delete`, a running container is still removed.
         let c = rt.block_on(runtime.run("plain-2", &image, &spec, &log)).unwrap();
         drop(c);

@@ -92,24 +92,23 @@ impl Runtime {
             bail!("container id `{id}`: only letters, digits, `-`, `_` and `.` are allowed");
         }
         let created = Instant::now();
-        let bundle = self.bundles.join(id);
-        if bundle.exists() {
-            bail!("container `{id}` already exists ({})", bundle.display());
-        }
-        tokio::fs::create_dir_all(&bundle).await.with_context(|| format!("cannot create {}", bundle.display()))?;
-        let rootfs = ContainerRootfs::mount(&image.rootfs, &bundle).with_context(|| format!("container `{id}`"))?;
-        let mut config = runtime_config::build(&image.config, &image.rootfs, spec, rootfs.path())
-            .with_context(|| format!("container `{id}` of image {}", image.name))?;
-        if let Some(linux) = config.linux_mut() {
-            linux.set_cgroups_path(Some(PathBuf::from(format!("/{}-{id}", self.cgroup_prefix))));
-        }
-        config.save(bundle.join("config.json")).with_context(|| format!("writing {}", bundle.display()))?;
-
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("container log {}", log.display()))?;
+        let bundle = self.bundles.join(id);
+        if bundle.exists() {
+            bail!("container `{id}` already exists ({})", bundle.display());
+        }
+        let rootfs = match self.prepare(id, image, spec, &bundle).await {
+            Ok(rootfs) => rootfs,
+            Err(e) => {
+                // The overlay, if mounted, went with the error; the bundle must not block a retry.
+                let _ = tokio::fs::remove_dir_all(&bundle).await;
+                return Err(e);
+            }
+        };
         let pid_file = bundle.join("init.pid");
         let mut cmd = self.runc();
         cmd.args(["run", "--bundle"])
@@ -120,7 +119,8 @@ impl Runtime {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // The run's guard kills the group if the lab dies; the container's init stays in it.
+        // runc joins the run's process group; the container's init starts a session of its own,
+        // which the runtime's guard (guard.rs) covers.
         run_group::join(&mut cmd);
         let mut child = cmd.spawn().context("cannot start `runc run`")?;
 
@@ -150,6 +150,19 @@ impl Runtime {
             let _ = tx.send(Some(status));
         });
         Ok(Container::new(id, &self.root, bundle, rootfs, pid, exit, created))
+    }
+
+    /// The bundle: the container's overlay over the image, and its runtime config.
+    async fn prepare(&self, id: &str, image: &Image, spec: &ContainerSpec, bundle: &Path) -> Result<ContainerRootfs> {
+        tokio::fs::create_dir_all(bundle).await.with_context(|| format!("cannot create {}", bundle.display()))?;
+        let rootfs = ContainerRootfs::mount(&image.rootfs, bundle).with_context(|| format!("container `{id}`"))?;
+        let mut config = runtime_config::build(&image.config, &image.rootfs, spec, rootfs.path())
+            .with_context(|| format!("container `{id}` of image {}", image.name))?;
+        if let Some(linux) = config.linux_mut() {
+            linux.set_cgroups_path(Some(PathBuf::from(format!("/{}-{id}", self.cgroup_prefix))));
+        }
+        config.save(bundle.join("config.json")).with_context(|| format!("writing {}", bundle.display()))?;
+        Ok(rootfs)
     }
 
     /// Deletes every container left under this runtime's root and every bundle (its overlay
