@@ -34,7 +34,7 @@ impl Container {
         let bundle = tempfile::Builder::new().prefix("graceful-bundle-").tempdir().expect("a bundle dir");
         let state = tempfile::Builder::new().prefix("graceful-runc-").tempdir().expect("a runc root");
         image.unpack(&bundle.path().join("b"));
-        crate::spec::write(&bundle.path().join("b"), &image.config, backend, &netns.path(), env);
+        crate::spec::write(&bundle.path().join("b"), &image.run, backend, &netns.path(), env);
         let id =
             format!("graceful-test-{}-{}", std::process::id(), bundle.path().file_name().unwrap().to_string_lossy());
         let log = File::create(bundle.path().join("container.log")).expect("the container log");

@@ -130,9 +130,11 @@ fn elf_is_static(bytes: &[u8]) -> bool {
 #[test]
 fn image_is_one_layer_holding_only_the_static_binary() {
     let Some(image) = image() else { return };
-    assert_eq!(image.manifest.layers.len(), 1, "layers: {:?}", image.manifest.layers);
-    let layer = &image.manifest.layers[0];
-    assert!(layer.media_type.starts_with("application/vnd.oci.image.layer.v1.tar"), "{}", layer.media_type);
+    let layers = image.found.manifest.layers();
+    assert_eq!(layers.len(), 1, "layers: {layers:?}");
+    let layer = &layers[0];
+    let media_type = layer.media_type().to_string();
+    assert!(media_type.starts_with("application/vnd.oci.image.layer.v1.tar"), "{media_type}");
 
     let dir = tempfile::tempdir().unwrap();
     image.unpack(&dir.path().join("b"));
@@ -157,34 +159,31 @@ fn image_is_one_layer_holding_only_the_static_binary() {
     println!(
         "image: archive {} bytes, layer {} bytes compressed, binary {} bytes",
         image.archive_bytes,
-        layer.size,
+        layer.size(),
         bin.len()
     );
-    assert!(layer.size <= LAYER_BUDGET, "layer {} bytes > budget {LAYER_BUDGET}", layer.size);
+    assert!(layer.size() <= LAYER_BUDGET, "layer {} bytes > budget {LAYER_BUDGET}", layer.size());
     assert!(bin.len() <= BINARY_BUDGET, "binary {} bytes > budget {BINARY_BUDGET}", bin.len());
 }
 
 #[test]
 fn image_config_runs_the_binary_as_65532_with_its_labels() {
     let Some(image) = image() else { return };
-    let c = &image.config;
-    assert_eq!((c.os.as_str(), c.architecture.as_str()), ("linux", "amd64"));
-    assert_eq!(c.config.user, "65532:65532");
-    let declared = pod::backend().security;
-    assert_eq!(
-        c.config.user,
-        format!("{}:{}", declared.uid, declared.gid),
-        "image user = the manifests' runAsUser:runAsGroup"
-    );
-    assert_eq!(c.config.entrypoint, ["/usr/local/bin/graceful"]);
-    assert_eq!(c.config.cmd, ["--help"]);
-    let label = |k: &str| c.config.labels.get(&format!("org.opencontainers.image.{k}")).cloned().unwrap_or_default();
+    let c = &image.found.config;
+    assert_eq!((c.os().to_string().as_str(), c.architecture().to_string().as_str()), ("linux", "amd64"));
+    assert_eq!(image.run.user.as_deref(), Some("65532:65532"));
+    let (uid, gid) = pod::backend().uid_gid();
+    assert_eq!(image.run.user, Some(format!("{uid}:{gid}")), "image user = the manifests' runAsUser:runAsGroup");
+    assert_eq!(image.run.entrypoint, ["/usr/local/bin/graceful"]);
+    assert_eq!(image.run.cmd, ["--help"]);
+    let labels = c.config().as_ref().and_then(|c| c.labels().clone()).unwrap_or_default();
+    let label = |k: &str| labels.get(&format!("org.opencontainers.image.{k}")).cloned().unwrap_or_default();
     assert_eq!(label("title"), "graceful");
     assert_eq!(label("licenses"), env!("CARGO_PKG_LICENSE"));
     assert_eq!(label("version"), env!("CARGO_PKG_VERSION"));
     assert_eq!(label("base.name"), "scratch");
-    assert!(!label("description").is_empty(), "labels: {:?}", c.config.labels);
-    assert!(!label("revision").is_empty(), "labels: {:?}", c.config.labels);
+    assert!(!label("description").is_empty(), "labels: {labels:?}");
+    assert!(!label("revision").is_empty(), "labels: {labels:?}");
 }
 
 /// Reads a field of /proc/PID/status.
@@ -203,9 +202,9 @@ fn runs_ready_under_the_declared_security_context() {
     let pid = c.wait_running(Duration::from_secs(2));
 
     // What the kernel applied, read from the host.
-    let s = &backend.security;
-    assert_eq!(status_field(pid, "Uid"), format!("{0} {0} {0} {0}", s.uid));
-    assert_eq!(status_field(pid, "Gid"), format!("{0} {0} {0} {0}", s.gid));
+    let (uid, gid) = backend.uid_gid();
+    assert_eq!(status_field(pid, "Uid"), format!("{0} {0} {0} {0}", uid));
+    assert_eq!(status_field(pid, "Gid"), format!("{0} {0} {0} {0}", gid));
     for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}: drop ALL");
     }
@@ -316,7 +315,7 @@ fn pid_one_catches_an_early_sigterm() {
     let Some((image, backend)) = runnable() else { return };
     let netns = Netns::new();
     let mut c = Container::run(&image, &backend, &netns, TEST_ENV);
-    let pid = c.exec_pid(&image.config.config.entrypoint[0], Duration::from_secs(10));
+    let pid = c.exec_pid(&image.run.entrypoint[0], Duration::from_secs(10));
     // The kernel drops signals PID 1 has no handler for, so a SIGTERM before the handler would be
     // lost and the container would live on. The binary installs one first thing: signal the
     // moment it is there (busy polling), from the host as runc would.

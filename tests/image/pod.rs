@@ -1,36 +1,30 @@
 //! What the rendered solution overlay declares for the backend container, read with the
-//! Kubernetes types: its args, env, preStop command, ConfigMap mount and securityContext
-//! (container fields over the pod's, as the kubelet merges them).
+//! Kubernetes types: the pod and the container, their merged securityContext (by the lab
+//! runtime's own rules), the preStop command and the ConfigMap behind the config mount.
 
 use std::collections::BTreeMap;
 
+use graceful::lab::node::oci::Security;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
 use serde::Deserialize;
 
 const RENDERED: &str = include_str!("../../deploy/rendered/solution.yaml");
 
-/// The securityContext the runtime must apply, resolved to the values that matter to it.
-#[derive(Debug)]
-pub struct Security {
-    pub uid: u32,
-    pub gid: u32,
-    pub read_only_root: bool,
-    pub no_new_privileges: bool,
-    /// Capabilities left after `drop` and `add` (the manifests drop ALL and add none).
-    pub capabilities: Vec<String>,
-    /// `RuntimeDefault` in the manifests; the test runs its own profile of that kind.
-    pub seccomp: String,
-}
-
 pub struct Backend {
-    pub args: Vec<String>,
-    /// Literal env values; Downward API fields are filled in by the caller.
-    pub env: Vec<(String, Option<String>)>,
+    pub pod: PodSpec,
+    pub container: Container,
     pub pre_stop: Vec<String>,
     pub config_mount: String,
     pub config_files: BTreeMap<String, String>,
     pub security: Security,
+}
+
+impl Backend {
+    /// The declared user and group (the manifests set both).
+    pub fn uid_gid(&self) -> (u32, u32) {
+        (self.security.run_as_user.expect("runAsUser"), self.security.run_as_group.expect("runAsGroup"))
+    }
 }
 
 pub fn backend() -> Backend {
@@ -50,7 +44,7 @@ pub fn backend() -> Backend {
     }
     let deployment = deployment.expect("the solution overlay renders a backend Deployment");
     let pod = deployment.spec.unwrap().template.spec.unwrap();
-    let container: &Container = pod.containers.iter().find(|c| c.name == "backend").expect("container backend");
+    let container = pod.containers.iter().find(|c| c.name == "backend").expect("container backend").clone();
 
     let mount = container
         .volume_mounts
@@ -65,10 +59,10 @@ pub fn backend() -> Backend {
         .iter()
         .find(|m| m.metadata.name.as_deref() == Some(map_name))
         .unwrap_or_else(|| panic!("ConfigMap {map_name} in the render"));
+    let security = Security::from_kubernetes(pod.security_context.as_ref(), container.security_context.as_ref())
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     Backend {
-        args: container.args.clone().unwrap_or_default(),
-        env: container.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone())).collect(),
         pre_stop: container
             .lifecycle
             .as_ref()
@@ -78,31 +72,8 @@ pub fn backend() -> Backend {
             .expect("an exec preStop hook"),
         config_mount: mount.mount_path.clone(),
         config_files: map.data.clone().unwrap_or_default(),
-        security: security(container, pod.security_context.as_ref()),
-    }
-}
-
-fn security(c: &Container, pod: Option<&k8s_openapi::api::core::v1::PodSecurityContext>) -> Security {
-    let sc = c.security_context.clone().unwrap_or_default();
-    let uid = sc.run_as_user.or(pod.and_then(|p| p.run_as_user)).expect("runAsUser");
-    let gid = sc.run_as_group.or(pod.and_then(|p| p.run_as_group)).expect("runAsGroup");
-    let non_root = sc.run_as_non_root.or(pod.and_then(|p| p.run_as_non_root)).unwrap_or(false);
-    assert!(!non_root || uid != 0, "runAsNonRoot with runAsUser 0");
-    let caps = sc.capabilities.unwrap_or_default();
-    let dropped = caps.drop.unwrap_or_default();
-    // With drop ALL only `add` remains; a partial drop would need the runtime's default set.
-    assert!(dropped.iter().any(|d| d == "ALL"), "the manifests drop ALL capabilities, got {dropped:?}");
-    let seccomp = sc
-        .seccomp_profile
-        .or(pod.and_then(|p| p.seccomp_profile.clone()))
-        .map(|p| p.type_)
-        .unwrap_or_else(|| "Unconfined".into());
-    Security {
-        uid: u32::try_from(uid).expect("a uid"),
-        gid: u32::try_from(gid).expect("a gid"),
-        read_only_root: sc.read_only_root_filesystem.unwrap_or(false),
-        no_new_privileges: sc.allow_privilege_escalation == Some(false),
-        capabilities: caps.add.unwrap_or_default().iter().map(|c| format!("CAP_{c}")).collect(),
-        seccomp,
+        security,
+        container,
+        pod,
     }
 }

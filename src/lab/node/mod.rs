@@ -2,6 +2,7 @@
 //! process group (nothing a run starts outlives it).
 
 pub mod kubelet;
+pub mod oci;
 pub mod pod_spec;
 pub mod prober;
 pub mod run_group;
