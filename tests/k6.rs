@@ -452,6 +452,10 @@ fn lab_with_k6_fails_the_problem_and_passes_the_solution() {
     let script = Path::new(LOADTEST).join("rolling-update.js");
     let (status, stdout, stderr) = lab(
         &[
+            // The process node: on the kernel node a problem run's dead-pod conntrack entries
+            // can still catch a reused client port after the rollout (docs/lab.md).
+            "--node",
+            "process",
             "--profile",
             "short",
             "--quiet",

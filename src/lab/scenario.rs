@@ -120,7 +120,7 @@ impl NodeEnv {
 }
 
 /// See [`Services::late_ms`].
-const CONNTRACK_LATE_MS: f64 = 250.0;
+const CONNTRACK_LATE_MS: f64 = 1000.0;
 
 /// How the Services reach their pods on this node.
 enum ServiceNet {

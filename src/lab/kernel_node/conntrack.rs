@@ -173,7 +173,17 @@ impl Log {
         let mut cmd = std::process::Command::new("conntrack");
         // A larger socket buffer than the default: bursts of connections during a rollout.
         cmd.args(["-E", "-p", "tcp", "-o", "timestamp,id", "--buffer-size", "8388608"]);
-        let mut cmd = tokio::process::Command::from(ns.command(cmd)?);
+        let mut cmd = ns.command(cmd)?;
+        // The recorder must keep up with the traffic it stamps: ahead of the pods where the
+        // lab may raise priority (root); as is otherwise.
+        // SAFETY: setpriority is a plain system call; its failure is ignored.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, -5);
+                Ok(())
+            });
+        }
+        let mut cmd = tokio::process::Command::from(cmd);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().context("starting `conntrack -E` (apt-get install conntrack)")?;
         let stdout = child.stdout.take().context("conntrack's stdout")?;

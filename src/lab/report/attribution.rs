@@ -408,6 +408,8 @@ fn failure_time(c: &ConnRecord, end_of_request: Duration) -> Duration {
 /// connection at a time, so the latest one opened before then (allowing for records whose
 /// times read late, see [`ProxyRecords::late_ms`]).
 fn lookup(records: &ProxyRecords, client: std::net::SocketAddr, until: Duration) -> Option<ConnRecord> {
+    // Earlier uses of the same port are common over a run; a next use within the records'
+    // lateness of the request's end is rare (random ephemeral ports): the latest one wins.
     let until = until + dur_ms(records.late_ms);
     records.records.iter().rev().find(|r| r.client == client && r.accepted <= until).cloned()
 }
