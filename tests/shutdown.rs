@@ -112,7 +112,11 @@ fn second_signal_exits_at_once() {
     for (second, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let mut backend = spawn("backend", &["--graceful=true", "--drain-delay", "10s"], &[]);
         backend.signal(libc::SIGTERM);
-        std::thread::sleep(Duration::from_millis(200));
+        // The first signal is handled once readiness says 503 (bounded; a loaded machine can
+        // take a while), so the next one is truly the second.
+        let admin = backend.admin;
+        let draining = eventually(Duration::from_secs(5), || get(admin, "/readyz").is_ok_and(|r| r.status == 503));
+        assert!(draining, "the first signal started the drain");
         assert!(backend.child.try_wait().unwrap().is_none(), "still draining");
         let t0 = Instant::now();
         backend.signal(second);
