@@ -5,24 +5,11 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::lab_run::{graceful, json, run_named};
 use common::wait_bounded;
-
-fn graceful() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_graceful"));
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn run_named<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    doc["runs"].as_array().unwrap().iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no run {name}"))
-}
 
 /// The key claim, held by the exit status and checked in the JSON: over the embedded overlays,
 /// the problem loses requests (every failure explained) and the solution loses none.

@@ -6,19 +6,14 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab_run::graceful;
 use common::procs::{alive, cmdline, descendants, ProcId};
 use common::wait_bounded;
 
 const HOOK: &str = include_str!("fixtures/lab/hook.yaml");
-
-fn graceful() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_graceful"));
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
-}
 
 /// `graceful lab -f - ARGS` on `manifest`; returns (exit code, stderr) within `limit`.
 fn lab_on(manifest: &str, args: &[&str], limit: Duration) -> (Option<i32>, String) {

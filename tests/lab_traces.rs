@@ -7,16 +7,14 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::grpc_receiver::{grpc_receiver, GrpcCollect};
 use common::wait_bounded;
 use graceful::otlp_receiver::OtlpReceiver;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
 
 const RUN_ATTRIBUTE: &str = "graceful.lab.run";
@@ -213,46 +211,13 @@ fn failed_traces_are_in_the_file_python_reads_and_at_the_forwarded_endpoint() {
     }
 }
 
-#[derive(Clone, Default)]
-struct GrpcCollect(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for GrpcCollect {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-/// An OTLP/gRPC receiver on its own thread, ended by a bound.
-fn grpc_receiver(store: GrpcCollect) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(listener).unwrap());
-            let server = tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(store))
-                .serve_with_incoming(incoming);
-            let _ = tokio::time::timeout(Duration::from_secs(200), server).await;
-        });
-    });
-    addr
-}
-
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` + `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`, as a user with a local
 /// Jaeger on 4317 would set them: every span arrives over gRPC with the run's name.
 #[test]
 fn the_environment_forwards_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let store = GrpcCollect::default();
-    let endpoint = format!("http://{}", grpc_receiver(store.clone()));
+    let endpoint = format!("http://{}", grpc_receiver(store.clone(), Duration::from_secs(200)));
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
     let (run, _) = run_lab(dir.path(), "solution", &["--expect-clean", "solution"], &env);
     let traces = &run["traces"];

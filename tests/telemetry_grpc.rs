@@ -3,55 +3,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::grpc_receiver::{grpc_receiver, GrpcCollect};
 use common::*;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-
-#[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collect {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-/// Runs a tonic server on its own runtime thread; returns its address.
-fn grpc_receiver(store: Collect) -> SocketAddr {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            // Bounded: the test process ends it; a stray server cannot outlive the test binary.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(120),
-                tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(store))
-                    .serve_with_incoming(incoming),
-            )
-            .await;
-        });
-    });
-    addr
-}
 
 #[test]
 fn grpc_export_delivers_every_span_and_exits_promptly() {
-    let store = Collect::default();
-    let addr = grpc_receiver(store.clone());
+    let store = GrpcCollect::default();
+    let addr = grpc_receiver(store.clone(), Duration::from_secs(120));
     let endpoint = format!("http://{addr}");
     let mut backend = spawn(
         "backend",

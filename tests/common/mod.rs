@@ -2,7 +2,9 @@
 //! HTTP/1.1 through the lab's client.
 #![allow(dead_code)]
 
+pub mod grpc_receiver;
 pub mod host;
+pub mod lab_run;
 pub mod process;
 pub mod procs;
 
