@@ -61,12 +61,17 @@ pub type Shared = web::Data<Ctx>;
 
 impl Ctx {
     pub fn new(role: &'static str, config: Config, identity: Identity) -> Shared {
-        let lifecycle_span = tracing::info_span!(
-            "lifecycle",
-            otel.name = "lifecycle",
-            graceful.role = role,
-            graceful.pod = %identity.pod_name,
-        );
+        // Sampled like a request with no caller (a ratio sampler may leave it out).
+        let lifecycle_span = if telemetry::root_sampled("lifecycle") {
+            tracing::info_span!(
+                "lifecycle",
+                otel.name = "lifecycle",
+                graceful.role = role,
+                graceful.pod = %identity.pod_name,
+            )
+        } else {
+            Span::none()
+        };
         web::Data::new(Ctx {
             role,
             metrics: Metrics::new(role),
@@ -169,7 +174,7 @@ async fn lifecycle_middleware(
         span.record("graceful.shutdown.phase", phase_start.as_str());
         span.record("graceful.pod", ctx.identity.pod_name.as_str());
     }
-    let tid = telemetry::request_trace_id(&req.extensions());
+    let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let what = format!("{method} {}", req.uri());
@@ -180,7 +185,9 @@ async fn lifecycle_middleware(
             BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::Broken => StatusCode::BAD_REQUEST,
         };
-        tracing::info!(status = status.as_u16(), route = %route, "request body not read: {e:?}");
+        // Unsampled requests have no span to give the line its trace id.
+        let trace_id = trace.map(|t| t.hex());
+        tracing::info!(status = status.as_u16(), route = %route, trace_id = trace_id.as_deref(), "request body not read: {e:?}");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
@@ -195,7 +202,8 @@ async fn lifecycle_middleware(
         if let Some(span) = &span {
             span.record("error.type", "client_disconnected");
         }
-        tracing::info!(route = %route, "client disconnected; request cancelled");
+        let trace_id = trace.map(|t| t.hex());
+        tracing::info!(route = %route, trace_id = trace_id.as_deref(), "client disconnected; request cancelled");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };
@@ -217,8 +225,8 @@ async fn lifecycle_middleware(
     if let Ok(v) = HeaderValue::try_from(ctx.identity.pod_name.as_str()) {
         headers.insert(HeaderName::from_static(POD_HEADER), v);
     }
-    if !tid.is_empty() {
-        if let Ok(v) = HeaderValue::try_from(tid) {
+    if let Some(t) = trace {
+        if let Ok(v) = HeaderValue::try_from(t.hex()) {
             headers.insert(HeaderName::from_static(TRACE_HEADER), v);
         }
     }

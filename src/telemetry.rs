@@ -12,7 +12,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::HttpMessage;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -27,8 +27,12 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use crate::identity::Identity;
+pub use crate::sampling::RequestTrace;
+use crate::sampling::{self, HeadSampler};
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// Set with the provider: decides each request's sampling before its spans exist.
+static HEAD: OnceLock<HeadSampler> = OnceLock::new();
 /// Keeps the gRPC exporter's runtime alive for the life of the process.
 static GRPC_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -73,12 +77,7 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer()
-            .fmt_fields(crate::log_format::SpanFieldsForLogs)
-            .event_format(crate::log_format::JsonWithTraceIds)
-            .with_writer(std::io::stdout)
-            .with_filter(log_filter)
-            .boxed()
+        crate::log_format::json_layer(std::io::stdout, log_filter).boxed()
     } else {
         tracing_subscriber::fmt::layer().with_writer(std::io::stdout).with_filter(log_filter).boxed()
     };
@@ -87,9 +86,12 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let provider = build_provider(role, cfg, identity, &target)?;
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
             let _ = PROVIDER.set(provider);
             // Per-span extras (code location, thread, busy/idle timers, level, target) cost time on
-            // every request and say nothing about where a request died.
+            // every request and say nothing about where a request died. Context activation would
+            // attach an OTel Context on every poll; parents come from tracing's own span tree and
+            // propagation reads the span's context explicitly (`inject`), so nothing needs it.
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
@@ -99,6 +101,7 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
                     .with_tracked_inactivity(false)
                     .with_level(false)
                     .with_target(false)
+                    .with_context_activation(false)
                     .with_filter(trace_filter()),
             )
         }
@@ -171,21 +174,11 @@ fn build_provider(
     };
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(sampler(cfg))
+        // Sampling was decided before the span was built (`sampling::HeadSampler`, from the same
+        // configuration): what reaches the provider is exported.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(resource(role, cfg, identity))
         .build())
-}
-
-fn sampler(cfg: &Config) -> Sampler {
-    let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
-    match cfg.telemetry.sampler.as_str() {
-        "always_on" => Sampler::AlwaysOn,
-        "always_off" => Sampler::AlwaysOff,
-        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
-        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
-        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
-        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-    }
 }
 
 pub fn service_name(role: &str, cfg: &Config) -> String {
@@ -246,18 +239,10 @@ pub fn shutdown(bound: Duration) {
     }
 }
 
-/// The W3C trace id of a span ("" when tracing is off).
-pub fn trace_id(span: &Span) -> String {
-    if !enabled() {
-        return String::new();
-    }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        sc.trace_id().to_string()
-    } else {
-        String::new()
-    }
+/// Whether a span with no caller (the lifecycle span) is traced; true when tracing is off, so
+/// that pretty logs still show it.
+pub fn root_sampled(name: &str) -> bool {
+    HEAD.get().is_none_or(|h| h.decide_root(name))
 }
 
 struct ActixHeaders<'a>(&'a HeaderMap);
@@ -284,22 +269,22 @@ impl Injector for OutgoingHeaders {
     }
 }
 
-/// `traceparent` for a call made inside `span` (its parent is that span, not a detached context).
-pub fn inject(span: &Span) -> OutgoingHeaders {
+/// `traceparent` for a call made by a request: from the call's own span when the request is
+/// sampled (its parent is that span, not a detached context), else the request's trace id with
+/// the sampled flag off. Nothing when tracing is off.
+pub fn inject(span: &Span, trace: Option<RequestTrace>) -> OutgoingHeaders {
     let mut out = OutgoingHeaders::default();
-    if enabled() {
-        TraceContextPropagator::new().inject_context(&span.context(), &mut out);
+    match (HEAD.get(), trace) {
+        (Some(_), Some(t)) if t.sampled => TraceContextPropagator::new().inject_context(&span.context(), &mut out),
+        (Some(head), Some(t)) => TraceContextPropagator::new().inject_context(&head.unsampled_child(&t), &mut out),
+        _ => {}
     }
     out
 }
 
-/// The trace id of the request being served (set when its server span is built).
-#[derive(Clone, Debug)]
-struct RequestTraceId(String);
-
-/// The current request's trace id, or "" when spans are not exported.
-pub fn request_trace_id(extensions: &actix_web::dev::Extensions) -> String {
-    extensions.get::<RequestTraceId>().map(|t| t.0.clone()).unwrap_or_default()
+/// The trace of the request being served (`None` when tracing is off).
+pub fn request_trace(extensions: &actix_web::dev::Extensions) -> Option<RequestTrace> {
+    extensions.get::<RequestTrace>().copied()
 }
 
 /// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
@@ -308,51 +293,67 @@ pub fn is_probe_path(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
 }
 
-/// The server span of every request: the fields that say where a request died, in OpenTelemetry's
-/// semantic-convention names, and the caller's W3C context. Leaner than tracing-actix-web's
-/// default (no request id, no duplicated pre-1.0 `http.*` names): every field is paid for on
-/// every request. Probe paths get no span (kubelet polls them every few seconds).
+/// The server span of every sampled request: the fields that say where a request died, in
+/// OpenTelemetry's semantic-convention names, and the caller's W3C context. Leaner than
+/// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every field
+/// is paid for on every sampled request. Unsampled requests and probe paths (kubelet polls them
+/// every few seconds) get no span.
 pub struct RequestSpan;
+
+fn request_span(request: &ServiceRequest) -> Span {
+    let route = request.match_pattern();
+    let route = route.as_deref().unwrap_or("unmatched");
+    let method = request.method();
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = request.path(),
+        client.address = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        exception.message = tracing::field::Empty,
+        exception.details = tracing::field::Empty,
+        graceful.shutdown.phase = tracing::field::Empty,
+        graceful.shutdown.phase_end = tracing::field::Empty,
+        graceful.ms_since_sigterm = tracing::field::Empty,
+        graceful.dropped = tracing::field::Empty,
+        graceful.pod = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(peer) = request.peer_addr() {
+        span.record("client.address", tracing::field::display(peer.ip()));
+    }
+    span
+}
 
 impl RootSpanBuilder for RequestSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
         if is_probe_path(request.path()) {
             return Span::none();
         }
-        let route = request.match_pattern();
-        let route = route.as_deref().unwrap_or("unmatched");
-        let method = request.method();
-        let span = tracing::info_span!(
-            "HTTP request",
-            otel.name = %format_args!("{method} {route}"),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            http.route = route,
-            url.path = request.path(),
-            client.address = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            exception.message = tracing::field::Empty,
-            exception.details = tracing::field::Empty,
-            graceful.shutdown.phase = tracing::field::Empty,
-            graceful.shutdown.phase_end = tracing::field::Empty,
-            graceful.ms_since_sigterm = tracing::field::Empty,
-            graceful.dropped = tracing::field::Empty,
-            graceful.pod = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-        );
-        if let Some(peer) = request.peer_addr() {
-            span.record("client.address", tracing::field::display(peer.ip()));
+        let Some(head) = HEAD.get() else {
+            // Tracing off: the span is for the pretty log layer only (the JSON one takes no spans).
+            return request_span(request);
+        };
+        let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
+        let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
+        if !decided.sampled {
+            // No span at all: the trace id travels in the extensions, for the response header,
+            // the bodies, the log lines and the next hop's traceparent.
+            request.extensions_mut().insert(decided);
+            return Span::none();
         }
-        if enabled() {
-            let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
-            if parent.span().span_context().is_valid() {
-                // Must happen before anything starts the span (context(), enter).
-                let _ = span.set_parent(parent);
-            }
-            // Once per request: the response header and error bodies read it from here.
-            request.extensions_mut().insert(RequestTraceId(trace_id(&span)));
+        let span = request_span(request);
+        if parent.span().span_context().is_valid() {
+            // Must happen before anything starts the span (context(), enter).
+            let _ = span.set_parent(parent);
         }
+        // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
+        let trace_id = span.context().span().span_context().trace_id();
+        request.extensions_mut().insert(RequestTrace { trace_id, sampled: true });
         span
     }
 

@@ -15,7 +15,7 @@ use url::Url;
 use crate::config::{Config, ResolveRule};
 use crate::metrics::{AttemptLabels, Metrics};
 use crate::server::POD_HEADER;
-use crate::telemetry;
+use crate::telemetry::{self, RequestTrace};
 
 /// Re-exported through actix so we don't pin another `bytes`.
 mod bytes_compat {
@@ -174,13 +174,22 @@ impl Upstream {
     }
 
     /// Calls the backend. Only idempotent methods are retried, and only when `features.retry` is on.
-    pub async fn call(&self, method: Method, path_and_query: &str, body: Bytes, metrics: &Metrics) -> Outcome {
+    /// `trace`: the calling request's (`None` with tracing off); an unsampled one gets no attempt
+    /// spans, only its trace id passed on.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+        metrics: &Metrics,
+        trace: Option<RequestTrace>,
+    ) -> Outcome {
         let attempts = Cell::new(0usize);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
         let once = || async {
             let n = attempts.get();
             attempts.set(n + 1);
-            let res = self.attempt(&method, path_and_query, body.clone(), n).await;
+            let res = self.attempt(&method, path_and_query, body.clone(), n, trace).await;
             let outcome = match &res {
                 Ok(_) => "ok".to_string(),
                 Err(e) => e.kind.as_str().to_string(),
@@ -196,6 +205,7 @@ impl Upstream {
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
                         tracing::info!(
+                            trace_id = unsampled_trace_id(trace).as_deref(),
                             error.type = e.kind.as_str(),
                             attempt = attempts.get() as i64,
                             backoff_ms = wait.as_millis() as i64,
@@ -227,32 +237,18 @@ impl Upstream {
         path_and_query: &str,
         body: Bytes,
         resend: usize,
+        trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let (url, addr) = self.target(path_and_query);
-        let host = url.host_str().unwrap_or("").to_string();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let span = tracing::info_span!(
-            "upstream attempt",
-            otel.name = %format!("{method} {}", url.path()),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            url.full = %url,
-            server.address = %host,
-            server.port = i64::from(port),
-            network.peer.address = tracing::field::Empty,
-            http.request.resend_count = resend as i64,
-            http.response.status_code = tracing::field::Empty,
-            graceful.peer.pod = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            duration_ms = tracing::field::Empty,
-        );
-        if let Some(a) = addr {
-            span.record("network.peer.address", a.to_string());
-        }
+        // With tracing on, only a sampled request's attempts are spans (a probe's are not).
+        let span = if trace.is_some_and(|t| t.sampled) || !telemetry::enabled() {
+            attempt_span(method, &url, addr, resend)
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
-        let result = self.send(method, url, addr, body, &span).instrument(span.clone()).await;
+        let result = self.send(method, url, addr, body, &span, trace).instrument(span.clone()).await;
         cancelled.finished = true;
         span.record("duration_ms", started.elapsed().as_millis() as i64);
         match &result {
@@ -268,7 +264,13 @@ impl Upstream {
                 if let Some(s) = e.status {
                     span.record("http.response.status_code", i64::from(s));
                 }
-                tracing::warn!(parent: &span, error.type = e.kind.as_str(), detail = %e.detail, "upstream attempt failed");
+                tracing::warn!(
+                    parent: &span,
+                    trace_id = unsampled_trace_id(trace).as_deref(),
+                    error.type = e.kind.as_str(),
+                    detail = %e.detail,
+                    "upstream attempt failed"
+                );
             }
         }
         result
@@ -281,12 +283,13 @@ impl Upstream {
         addr: Option<SocketAddr>,
         body: Bytes,
         span: &tracing::Span,
+        trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let mut req = self.client.request(method.clone(), url.as_str()).insert_header((POD_HEADER, self.pod.as_str()));
         if let Some(a) = addr {
             req = req.address(a);
         }
-        for (k, v) in telemetry::inject(span).0 {
+        for (k, v) in telemetry::inject(span, trace).0 {
             req = req.insert_header((k, v));
         }
         let resp = req.send_body(body).await.map_err(classify_send)?;
@@ -315,6 +318,35 @@ impl Upstream {
         }
         Ok(UpstreamResponse { status, body, pod })
     }
+}
+
+/// The client span of one attempt (sampled requests, and the pretty log with tracing off).
+fn attempt_span(method: &Method, url: &Url, addr: Option<SocketAddr>, resend: usize) -> tracing::Span {
+    let span = tracing::info_span!(
+        "upstream attempt",
+        otel.name = %format_args!("{method} {}", url.path()),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.full = %url,
+        server.address = url.host_str().unwrap_or(""),
+        server.port = i64::from(url.port_or_known_default().unwrap_or(80)),
+        network.peer.address = tracing::field::Empty,
+        http.request.resend_count = resend as i64,
+        http.response.status_code = tracing::field::Empty,
+        graceful.peer.pod = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    if let Some(a) = addr {
+        span.record("network.peer.address", tracing::field::display(a));
+    }
+    span
+}
+
+/// The trace id a log line must carry itself: an unsampled request has no span to lend it one.
+fn unsampled_trace_id(trace: Option<RequestTrace>) -> Option<String> {
+    trace.filter(|t| !t.sampled).map(|t| t.hex())
 }
 
 /// The overall deadline cancels an attempt by dropping its future: the attempt span must still
