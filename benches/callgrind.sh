@@ -100,7 +100,7 @@ run_once() {
   envs=$(mode_env "$mode" "$endpoint")
   local common=(env -u RUST_LOG GRACEFUL_TELEMETRY__LOG_FORMAT=json GRACEFUL_TELEMETRY__LOG_LEVEL=info
     GRACEFUL_BACKEND__WORK_MIN=0ms GRACEFUL_BACKEND__WORK_MAX=0ms $envs)
-  local vg=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no)
+  local vg=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no $VG_EXTRA)
   POD_NAME=cg-backend "${common[@]}" "${vg[@]}" --callgrind-out-file="$dir/backend.cg" \
     "$BIN" backend --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --drain-delay 0s --shutdown-timeout 2s \
     >"$dir/backend.log" 2>"$dir/backend.vg" &

