@@ -1,13 +1,15 @@
 //! The service users hit: calls the backend through `upstream` and answers honestly.
 
+use std::borrow::Cow;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tracing_actix_web::RootSpan;
 
 use crate::config::Config;
 use crate::identity::Identity;
@@ -49,13 +51,7 @@ fn request_trace(req: &HttpRequest) -> Option<RequestTrace> {
     telemetry::request_trace(&req.extensions())
 }
 
-async fn proxy_data(
-    ctx: Shared,
-    upstream: web::Data<Upstream>,
-    req: HttpRequest,
-    body: web::Bytes,
-    root: RootSpan,
-) -> HttpResponse {
+async fn proxy_data(ctx: Shared, upstream: web::Data<Upstream>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let path = match req.uri().query() {
         Some(q) => format!("/api/data?{q}"),
         None => "/api/data".to_string(),
@@ -63,7 +59,8 @@ async fn proxy_data(
     let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
     let trace = request_trace(&req);
     let outcome = upstream.call(method, &path, body, &ctx.metrics, trace).await;
-    respond(&ctx, &root, trace, outcome)
+    // The request's server span (none when unsampled): the handler runs inside it.
+    respond(&ctx, &tracing::Span::current(), trace, outcome)
 }
 
 /// Adds `trace_id` to a JSON body only when there is one (tracing on): never an empty string.
@@ -74,35 +71,53 @@ fn with_trace_id(trace: Option<RequestTrace>, mut body: Value) -> Value {
     body
 }
 
-fn respond(ctx: &Ctx, root: &RootSpan, tid: Option<RequestTrace>, outcome: Outcome) -> HttpResponse {
+/// The answer when the backend answered: typed, in the key order `json!` gives (sorted), so that
+/// the backend's body passes through as the bytes it sent instead of being parsed into a tree
+/// and written out again on every request.
+#[derive(Serialize)]
+struct Answered<'a> {
+    backend: BackendBody<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    pod: &'a str,
+    retries: usize,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+}
+
+/// The backend's body: its JSON as is (checked, not parsed into values), anything else as text.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BackendBody<'a> {
+    Json(&'a RawValue),
+    Text(Cow<'a, str>),
+}
+
+impl<'a> BackendBody<'a> {
+    fn of(body: &'a [u8]) -> Self {
+        match serde_json::from_slice::<&RawValue>(body) {
+            Ok(json) => BackendBody::Json(json),
+            Err(_) => BackendBody::Text(String::from_utf8_lossy(body)),
+        }
+    }
+}
+
+fn respond(ctx: &Ctx, root: &tracing::Span, tid: Option<RequestTrace>, outcome: Outcome) -> HttpResponse {
     let retries = outcome.retries();
     match outcome.result {
         Ok(resp) => {
-            let backend: Value = serde_json::from_slice(&resp.body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&resp.body).into_owned()));
-            if resp.status.is_success() {
-                HttpResponse::Ok().json(with_trace_id(
-                    tid,
-                    json!({
-                        "status": "ok",
-                        "pod": ctx.identity.pod_name,
-                        "backend": backend,
-                        "retries": retries,
-                    }),
-                ))
-            } else {
+            let ok = resp.status.is_success();
+            let answer = Answered {
+                backend: BackendBody::of(&resp.body),
                 // A 4xx from the backend is the backend's answer, passed on as such.
-                HttpResponse::build(resp.status).json(with_trace_id(
-                    tid,
-                    json!({
-                        "status": "error",
-                        "error": "upstream_client_error",
-                        "pod": ctx.identity.pod_name,
-                        "backend": backend,
-                        "retries": retries,
-                    }),
-                ))
-            }
+                error: (!ok).then_some("upstream_client_error"),
+                pod: &ctx.identity.pod_name,
+                retries,
+                status: if ok { "ok" } else { "error" },
+                trace_id: tid.map(|t| t.hex()),
+            };
+            HttpResponse::build(if ok { StatusCode::OK } else { resp.status }).json(answer)
         }
         Err(e) => {
             root.record("error.type", e.kind.as_str());

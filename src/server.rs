@@ -15,8 +15,7 @@ use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
-use tracing::Span;
-use tracing_actix_web::{RootSpan, TracingLogger};
+use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
@@ -27,7 +26,7 @@ use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
 use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
-use crate::telemetry::{self, RequestSpan};
+use crate::telemetry;
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
@@ -157,23 +156,33 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
-/// `Connection: close` while draining, pod and trace headers, metrics.
-async fn lifecycle_middleware(
-    mut req: ServiceRequest,
+/// The request's server span around everything else (`lifecycle`). Our own, not
+/// tracing-actix-web's middleware: that one generated a random request id (a `getrandom` call)
+/// and wrapped every body, on every request, traced or not.
+async fn request_middleware(
+    req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let ctx = req.app_data::<Shared>().cloned().expect("Ctx is registered on every app");
     if let Some(conn) = req.conn_data::<ConnectionGuard>() {
         conn.request_started();
     }
+    let span = telemetry::start_request(&req, &ctx.identity.pod_name, ctx.lifecycle.phase().as_str());
+    let outcome = lifecycle(ctx, req, next, &span).await;
+    telemetry::end_request(&span, &outcome);
+    outcome
+}
+
+/// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
+/// `Connection: close` while draining, pod and trace headers, metrics.
+async fn lifecycle(
+    ctx: Shared,
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+    server_span: &Span,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
-    let span = req.extensions().get::<RootSpan>().map(|s| Span::clone(s));
-    let phase_start = ctx.lifecycle.phase();
-    if let Some(span) = &span {
-        span.record("graceful.shutdown.phase", phase_start.as_str());
-        span.record("graceful.pod", ctx.identity.pod_name.as_str());
-    }
+    let span = (!server_span.is_disabled()).then(|| server_span.clone());
     let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
@@ -195,7 +204,7 @@ async fn lifecycle_middleware(
     }
     // Dropping the handler's future cancels its work (and, in the frontend, its upstream attempts).
     let result = tokio::select! {
-        r = next.call(req) => Some(r),
+        r = server_span.in_scope(|| next.call(req)).instrument(server_span.clone()) => Some(r),
         _ = request_bounds::client_gone(peer) => None,
     };
     let Some(result) = result else {
@@ -394,8 +403,7 @@ where
     let public = HttpServer::new(move || {
         App::new()
             .app_data(app_ctx.clone())
-            .wrap(from_fn(lifecycle_middleware))
-            .wrap(TracingLogger::<RequestSpan>::new())
+            .wrap(from_fn(request_middleware))
             .configure(routes.clone())
             .configure(public_probes)
     })

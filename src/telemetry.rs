@@ -18,7 +18,6 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::Span;
-use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
@@ -306,15 +305,13 @@ pub fn is_probe_path(path: &str) -> bool {
 /// The server span of every sampled request: the fields that say where a request died, in
 /// OpenTelemetry's semantic-convention names, and the caller's W3C context. Leaner than
 /// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every field
-/// is paid for on every sampled request. Unsampled requests and probe paths (kubelet polls them
-/// every few seconds) get no span.
-pub struct RequestSpan;
-
-fn request_span(request: &ServiceRequest) -> Span {
+/// is paid for on every sampled request, and what is known at the start is set then, not recorded
+/// after. Unsampled requests and probe paths (kubelet polls them every few seconds) get no span.
+fn request_span(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
     let route = request.match_pattern();
     let route = route.as_deref().unwrap_or("unmatched");
     let method = request.method();
-    let span = tracing::info_span!(
+    tracing::info_span!(
         "HTTP request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
@@ -322,71 +319,65 @@ fn request_span(request: &ServiceRequest) -> Span {
         http.request.method = %method,
         http.route = route,
         url.path = request.path(),
-        client.address = tracing::field::Empty,
+        client.address = request.peer_addr().map(|a| tracing::field::display(a.ip())),
         http.response.status_code = tracing::field::Empty,
         exception.message = tracing::field::Empty,
         exception.details = tracing::field::Empty,
-        graceful.shutdown.phase = tracing::field::Empty,
+        graceful.shutdown.phase = phase,
         graceful.shutdown.phase_end = tracing::field::Empty,
         graceful.ms_since_sigterm = tracing::field::Empty,
         graceful.dropped = tracing::field::Empty,
-        graceful.pod = tracing::field::Empty,
+        graceful.pod = pod,
         error.type = tracing::field::Empty,
-    );
-    if let Some(peer) = request.peer_addr() {
-        span.record("client.address", tracing::field::display(peer.ip()));
+    )
+}
+
+/// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
+/// returns its server span (`Span::none()` when unsampled, and for probe paths).
+pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
+    if is_probe_path(request.path()) {
+        return Span::none();
     }
+    let Some(head) = HEAD.get() else {
+        // Tracing off: the span is for the pretty log layer only (the JSON one takes no spans).
+        return request_span(request, pod, phase);
+    };
+    let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
+    let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
+    if !decided.sampled {
+        // No span at all: the trace id travels in the extensions, for the response header,
+        // the bodies, the log lines and the next hop's traceparent.
+        request.extensions_mut().insert(decided);
+        return Span::none();
+    }
+    let span = request_span(request, pod, phase);
+    if parent.span().span_context().is_valid() {
+        // Must happen before anything starts the span (context(), enter).
+        let _ = span.set_parent(parent);
+    }
+    // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
+    let trace_id = span.context().span().span_context().trace_id();
+    request.extensions_mut().insert(RequestTrace { trace_id, sampled: true });
     span
 }
 
-impl RootSpanBuilder for RequestSpan {
-    fn on_request_start(request: &ServiceRequest) -> Span {
-        if is_probe_path(request.path()) {
-            return Span::none();
-        }
-        let Some(head) = HEAD.get() else {
-            // Tracing off: the span is for the pretty log layer only (the JSON one takes no spans).
-            return request_span(request);
-        };
-        let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
-        let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
-        if !decided.sampled {
-            // No span at all: the trace id travels in the extensions, for the response header,
-            // the bodies, the log lines and the next hop's traceparent.
-            request.extensions_mut().insert(decided);
-            return Span::none();
-        }
-        let span = request_span(request);
-        if parent.span().span_context().is_valid() {
-            // Must happen before anything starts the span (context(), enter).
-            let _ = span.set_parent(parent);
-        }
-        // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
-        let trace_id = span.context().span().span_context().trace_id();
-        request.extensions_mut().insert(RequestTrace { trace_id, sampled: true });
-        span
+/// A request's end on its server span: the status, and whether it failed. A 5xx is an error,
+/// a 4xx is the client's (OTel makes OK final, so plain responses are marked here too).
+pub fn end_request<B>(span: &Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+    if span.is_disabled() {
+        return;
     }
-
-    fn on_request_end<B: actix_web::body::MessageBody>(
-        span: Span,
-        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
-    ) {
-        // The default marks every response without an actix error "OK", a 502 included, and OTel
-        // makes OK final; so plain responses are marked here and only actix errors go to it.
-        match outcome {
-            Ok(res) if res.response().error().is_none() => {
-                span.record("http.response.status_code", i64::from(res.status().as_u16()));
-                let failed = res.status().is_server_error();
-                span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
-            }
-            _ => {
-                if let Ok(res) = outcome {
-                    span.record("http.response.status_code", i64::from(res.status().as_u16()));
-                }
-                DefaultRootSpanBuilder::on_request_end(span, outcome);
-            }
-        }
+    let (status, error) = match outcome {
+        Ok(res) => (res.status(), res.response().error().map(|e| e.as_response_error())),
+        Err(e) => (e.as_response_error().status_code(), Some(e.as_response_error())),
+    };
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if let Some(e) = error {
+        span.record("exception.message", tracing::field::display(e));
+        span.record("exception.details", tracing::field::debug(e));
     }
+    let failed = status.is_server_error() || (error.is_some() && !status.is_client_error());
+    span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use awc::error::{ConnectError, PayloadError, SendRequestError};
 use backon::{ExponentialBuilder, Retryable};
@@ -124,7 +125,8 @@ pub struct Upstream {
     cfg: crate::config::Upstream,
     retry: bool,
     timeouts: bool,
-    pod: String,
+    /// This pod's name as a header value, made once (not parsed again on every call).
+    pod: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -149,7 +151,7 @@ impl Upstream {
             cfg: u.clone(),
             retry: config.features.retry,
             timeouts,
-            pod: pod.to_string(),
+            pod: HeaderValue::try_from(pod).ok(),
         }
     }
 
@@ -285,7 +287,10 @@ impl Upstream {
         span: &tracing::Span,
         trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut req = self.client.request(method.clone(), url.as_str()).insert_header((POD_HEADER, self.pod.as_str()));
+        let mut req = self.client.request(method.clone(), url.as_str());
+        if let Some(pod) = &self.pod {
+            req = req.insert_header((HeaderName::from_static(POD_HEADER), pod.clone()));
+        }
         if let Some(a) = addr {
             req = req.address(a);
         }
