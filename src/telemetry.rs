@@ -351,12 +351,16 @@ pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -
         return Span::none();
     }
     let span = request_span(request, pod, phase);
-    if parent.span().span_context().is_valid() {
-        // Must happen before anything starts the span (context(), enter).
+    let trace_id = if parent.span().span_context().is_valid() {
+        let id = decided.trace_id;
+        // Must happen before anything starts the span (context(), enter). Nothing starts it
+        // here: until it is, the fields recorded later are only gathered, which costs less.
         let _ = span.set_parent(parent);
-    }
-    // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
-    let trace_id = span.context().span().span_context().trace_id();
+        id
+    } else {
+        // A root's trace id is the one the SDK gives its span (the decision's was only drawn on).
+        span.context().span().span_context().trace_id()
+    };
     request.extensions_mut().insert(RequestTrace { trace_id, sampled: true });
     span
 }
