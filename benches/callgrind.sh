@@ -12,6 +12,8 @@
 # the POSTs. Needs valgrind, python3 and a release build with symbols for readable names:
 #   CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
 #     cargo build --release --bin graceful
+# Extra valgrind flags in VG_EXTRA (e.g. --separate-threads=yes: one file per thread, to split
+# the request path from the span exporter thread; the totals then read the .cg file only).
 # Every wait is bounded; every process it starts is stopped on exit.
 set -euo pipefail
 
@@ -100,7 +102,7 @@ run_once() {
   envs=$(mode_env "$mode" "$endpoint")
   local common=(env -u RUST_LOG GRACEFUL_TELEMETRY__LOG_FORMAT=json GRACEFUL_TELEMETRY__LOG_LEVEL=info
     GRACEFUL_BACKEND__WORK_MIN=0ms GRACEFUL_BACKEND__WORK_MAX=0ms $envs)
-  local vg=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no $VG_EXTRA)
+  local vg=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no ${VG_EXTRA:-})
   POD_NAME=cg-backend "${common[@]}" "${vg[@]}" --callgrind-out-file="$dir/backend.cg" \
     "$BIN" backend --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --drain-delay 0s --shutdown-timeout 2s \
     >"$dir/backend.log" 2>"$dir/backend.vg" &

@@ -83,7 +83,7 @@ struct Answered<'a> {
     retries: usize,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    trace_id: Option<String>,
+    trace_id: Option<&'a str>,
 }
 
 /// The backend's body: its JSON as is (checked, not parsed into values), anything else as text.
@@ -115,16 +115,16 @@ fn respond(ctx: &Ctx, root: &tracing::Span, tid: Option<RequestTrace>, outcome: 
                 pod: &ctx.identity.pod_name,
                 retries,
                 status: if ok { "ok" } else { "error" },
-                trace_id: tid.map(|t| t.hex()),
+                trace_id: tid.as_ref().map(RequestTrace::hex),
             };
             HttpResponse::build(if ok { StatusCode::OK } else { resp.status }).json(answer)
         }
         Err(e) => {
             root.record("error.type", e.kind.as_str());
             // An unsampled request has no span to lend the line its trace id.
-            let trace_id = tid.filter(|t| !t.sampled).map(|t| t.hex());
+            let unsampled = tid.filter(|t| !t.sampled);
             tracing::warn!(
-                trace_id = trace_id.as_deref(),
+                trace_id = unsampled.as_ref().map(RequestTrace::hex),
                 error.type = e.kind.as_str(),
                 detail = %e.detail,
                 retries,

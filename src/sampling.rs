@@ -7,7 +7,7 @@
 //! log lines, and passes it on in `traceparent` with the sampled flag off, so the next hop makes
 //! the same decision and the ids still join up.
 
-use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{SpanKind, TraceContextExt, TraceId};
 use opentelemetry::Context;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample};
 
@@ -45,7 +45,7 @@ impl HeadSampler {
         let caller = span.span_context();
         let trace_id = if caller.is_valid() { caller.trace_id() } else { self.ids.new_trace_id() };
         let result = self.sampler.should_sample(Some(parent), trace_id, name, &kind, &[], &[]);
-        RequestTrace { trace_id, sampled: result.decision == SamplingDecision::RecordAndSample }
+        RequestTrace::new(trace_id, result.decision == SamplingDecision::RecordAndSample)
     }
 
     /// A span with no caller (the process's lifecycle span).
@@ -53,13 +53,30 @@ impl HeadSampler {
         self.decide(&Context::new(), name, SpanKind::Internal).sampled
     }
 
-    /// `traceparent` context for a call made by an unsampled request: its trace id, a fresh
-    /// span id (no span of ours has it; the next hop sees a parent that was not recorded, as
-    /// the SDK's non-recording spans do), the sampled flag off.
-    pub fn unsampled_child(&self, trace: &RequestTrace) -> Context {
-        let sc =
-            SpanContext::new(trace.trace_id, self.ids.new_span_id(), TraceFlags::default(), false, TraceState::NONE);
-        Context::new().with_remote_span_context(sc)
+    /// `traceparent` for a call made by an unsampled request (W3C version 00): its trace id, a
+    /// fresh parent id (no span of ours has it; the next hop sees a parent that was not recorded,
+    /// as with the SDK's non-recording spans), the sampled flag off. Written from the request's
+    /// hex digits, not through a Context and the propagator's formatting, on every such call.
+    pub fn unsampled_traceparent(&self, trace: &RequestTrace) -> String {
+        let mut parent = [0u8; 16];
+        hex_into(&self.ids.new_span_id().to_bytes(), &mut parent);
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(trace.hex());
+        out.push('-');
+        out.push_str(std::str::from_utf8(&parent).unwrap_or_default());
+        out.push_str("-00");
+        out
+    }
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long): ids are formatted on every request, and
+/// `format!("{:032x}")` costs several times more.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
 }
 
@@ -68,19 +85,28 @@ impl HeadSampler {
 pub struct RequestTrace {
     pub trace_id: TraceId,
     pub sampled: bool,
+    /// The trace id's hex digits, written once: the response header, the body and the next
+    /// hop's `traceparent` all need them.
+    hex: [u8; 32],
 }
 
 impl RequestTrace {
+    pub fn new(trace_id: TraceId, sampled: bool) -> Self {
+        let mut hex = [0u8; 32];
+        hex_into(&trace_id.to_bytes(), &mut hex);
+        RequestTrace { trace_id, sampled, hex }
+    }
+
     /// 32 lowercase hex digits, as in `traceparent`, `x-trace-id` and the logs.
-    pub fn hex(&self) -> String {
-        self.trace_id.to_string()
+    pub fn hex(&self) -> &str {
+        std::str::from_utf8(&self.hex).unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::SpanId;
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
 
     fn caller(sampled: bool) -> Context {
         let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
@@ -128,13 +154,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unsampled_child_carries_the_trace_id_with_the_flag_off() {
+    fn an_unsampled_traceparent_carries_the_trace_id_with_the_flag_off() {
+        use opentelemetry::propagation::TextMapPropagator;
+        use opentelemetry_sdk::propagation::TraceContextPropagator;
         let head = HeadSampler::new(config("parentbased_always_off", None));
         let trace = head.decide(&Context::new(), "HTTP request", SpanKind::Server);
-        let (a, b) = (head.unsampled_child(&trace), head.unsampled_child(&trace));
-        let (a, b) = (a.span().span_context().clone(), b.span().span_context().clone());
+        assert_eq!(trace.hex(), trace.trace_id.to_string(), "the same digits as the SDK's");
+        // Read back by the SDK's own propagator, as the next hop does.
+        let read = |tp: String| {
+            let headers = std::collections::HashMap::from([("traceparent".to_string(), tp)]);
+            TraceContextPropagator::new().extract(&headers).span().span_context().clone()
+        };
+        let (a, b) = (read(head.unsampled_traceparent(&trace)), read(head.unsampled_traceparent(&trace)));
         assert_eq!(a.trace_id(), trace.trace_id);
-        assert!(a.is_valid() && !a.is_sampled());
+        assert!(a.is_valid() && a.is_remote() && !a.is_sampled());
         assert_ne!(a.span_id(), b.span_id(), "each call gets its own parent id");
     }
 }

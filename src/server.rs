@@ -26,7 +26,7 @@ use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
 use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
-use crate::telemetry;
+use crate::telemetry::{self, RequestTrace};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
@@ -195,8 +195,7 @@ async fn lifecycle(
             BodyError::Broken => StatusCode::BAD_REQUEST,
         };
         // Unsampled requests have no span to give the line its trace id.
-        let trace_id = trace.map(|t| t.hex());
-        tracing::info!(status = status.as_u16(), route = %route, trace_id = trace_id.as_deref(), "request body not read: {e:?}");
+        tracing::info!(status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "request body not read: {e:?}");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
@@ -211,8 +210,7 @@ async fn lifecycle(
         if let Some(span) = &span {
             span.record("error.type", "client_disconnected");
         }
-        let trace_id = trace.map(|t| t.hex());
-        tracing::info!(route = %route, trace_id = trace_id.as_deref(), "client disconnected; request cancelled");
+        tracing::info!(route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "client disconnected; request cancelled");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };
@@ -235,7 +233,7 @@ async fn lifecycle(
         headers.insert(HeaderName::from_static(POD_HEADER), v);
     }
     if let Some(t) = trace {
-        if let Ok(v) = HeaderValue::try_from(t.hex()) {
+        if let Ok(v) = HeaderValue::from_str(t.hex()) {
             headers.insert(HeaderName::from_static(TRACE_HEADER), v);
         }
     }

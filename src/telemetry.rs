@@ -256,9 +256,21 @@ pub fn root_sampled(name: &str) -> bool {
 
 struct ActixHeaders<'a>(&'a HeaderMap);
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The propagation header names, made once (a `&str` key is parsed into a name on every use).
+fn header_name(key: &str) -> Option<HeaderName> {
+    match key {
+        "traceparent" => Some(TRACEPARENT),
+        "tracestate" => Some(TRACESTATE),
+        _ => HeaderName::try_from(key).ok(),
+    }
+}
+
 impl Extractor for ActixHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        self.0.get(header_name(key)?).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -272,7 +284,7 @@ pub struct OutgoingHeaders(pub Vec<(HeaderName, HeaderValue)>);
 
 impl Injector for OutgoingHeaders {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+        if let (Some(k), Ok(v)) = (header_name(key), HeaderValue::try_from(value)) {
             self.0.push((k, v));
         }
     }
@@ -285,7 +297,7 @@ pub fn inject(span: &Span, trace: Option<RequestTrace>) -> OutgoingHeaders {
     let mut out = OutgoingHeaders::default();
     match (HEAD.get(), trace) {
         (Some(_), Some(t)) if t.sampled => TraceContextPropagator::new().inject_context(&span.context(), &mut out),
-        (Some(head), Some(t)) => TraceContextPropagator::new().inject_context(&head.unsampled_child(&t), &mut out),
+        (Some(head), Some(t)) => out.set("traceparent", head.unsampled_traceparent(&t)),
         _ => {}
     }
     out
@@ -361,7 +373,7 @@ pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -
         // A root's trace id is the one the SDK gives its span (the decision's was only drawn on).
         span.context().span().span_context().trace_id()
     };
-    request.extensions_mut().insert(RequestTrace { trace_id, sampled: true });
+    request.extensions_mut().insert(RequestTrace::new(trace_id, true));
     span
 }
 

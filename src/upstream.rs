@@ -207,7 +207,7 @@ impl Upstream {
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
                         tracing::info!(
-                            trace_id = unsampled_trace_id(trace).as_deref(),
+                            trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
                             error.type = e.kind.as_str(),
                             attempt = attempts.get() as i64,
                             backoff_ms = wait.as_millis() as i64,
@@ -268,7 +268,7 @@ impl Upstream {
                 }
                 tracing::warn!(
                     parent: &span,
-                    trace_id = unsampled_trace_id(trace).as_deref(),
+                    trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
                     error.type = e.kind.as_str(),
                     detail = %e.detail,
                     "upstream attempt failed"
@@ -350,8 +350,8 @@ fn attempt_span(method: &Method, url: &Url, addr: Option<SocketAddr>, resend: us
 }
 
 /// The trace id a log line must carry itself: an unsampled request has no span to lend it one.
-fn unsampled_trace_id(trace: Option<RequestTrace>) -> Option<String> {
-    trace.filter(|t| !t.sampled).map(|t| t.hex())
+fn unsampled_trace_id(trace: Option<RequestTrace>) -> Option<RequestTrace> {
+    trace.filter(|t| !t.sampled)
 }
 
 /// The overall deadline cancels an attempt by dropping its future: the attempt span must still
