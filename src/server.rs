@@ -54,6 +54,8 @@ pub struct Ctx {
     markers: Arc<Markers>,
     /// Covers the life of the process; events mark each step of termination.
     lifecycle_span: Mutex<Option<Span>>,
+    /// `x-graceful-pod` on every response, made once.
+    pod_header: Option<HeaderValue>,
 }
 
 pub type Shared = web::Data<Ctx>;
@@ -71,6 +73,7 @@ impl Ctx {
         } else {
             Span::none()
         };
+        let pod_header = HeaderValue::try_from(identity.pod_name.as_str()).ok();
         web::Data::new(Ctx {
             role,
             metrics: Metrics::new(role),
@@ -82,6 +85,7 @@ impl Ctx {
             unread: Arc::default(),
             markers: Arc::default(),
             lifecycle_span: Mutex::new(Some(lifecycle_span)),
+            pod_header,
         })
     }
 
@@ -202,7 +206,9 @@ async fn lifecycle(
         return Ok(req.into_response(res).map_into_right_body());
     }
     // Dropping the handler's future cancels its work (and, in the frontend, its upstream attempts).
+    // Biased: a handler that is done at its first poll never starts the hang-up check's timer.
     let result = tokio::select! {
+        biased;
         r = server_span.in_scope(|| next.call(req)).instrument(server_span.clone()) => Some(r),
         _ = request_bounds::client_gone(peer) => None,
     };
@@ -229,8 +235,8 @@ async fn lifecycle(
         res.response_mut().head_mut().set_connection_type(ConnectionType::Close);
     }
     let headers = res.headers_mut();
-    if let Ok(v) = HeaderValue::try_from(ctx.identity.pod_name.as_str()) {
-        headers.insert(HeaderName::from_static(POD_HEADER), v);
+    if let Some(v) = &ctx.pod_header {
+        headers.insert(HeaderName::from_static(POD_HEADER), v.clone());
     }
     if let Some(t) = trace {
         if let Ok(v) = HeaderValue::from_str(t.hex()) {

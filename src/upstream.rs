@@ -117,11 +117,36 @@ impl Outcome {
     }
 }
 
+/// Where every call goes, worked out once: a call's absolute path replaces the base URL's, so
+/// only the origin, its host and port (for the span) and its `--resolve` address matter.
+struct Target {
+    origin: String,
+    host: String,
+    port: u16,
+    addr: Option<SocketAddr>,
+}
+
+impl Target {
+    fn new(base: &Url, resolve: &[ResolveRule]) -> Self {
+        let host = base.host_str().unwrap_or("").to_ascii_lowercase();
+        let port = base.port_or_known_default().unwrap_or(80);
+        let addr = resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
+        Target { origin: base[..url::Position::BeforePath].to_string(), host, port, addr }
+    }
+
+    /// The URL of `path_and_query` (absolute: it starts with `/`), without parsing a URL again.
+    fn url(&self, path_and_query: &str) -> String {
+        let mut url = String::with_capacity(self.origin.len() + path_and_query.len());
+        url.push_str(&self.origin);
+        url.push_str(path_and_query);
+        url
+    }
+}
+
 /// One per worker (awc's client is not `Send`).
 pub struct Upstream {
     client: awc::Client,
-    base: Url,
-    resolve: Vec<ResolveRule>,
+    target: Target,
     cfg: crate::config::Upstream,
     retry: bool,
     timeouts: bool,
@@ -146,21 +171,15 @@ impl Upstream {
         }
         Upstream {
             client: builder.connector(connector).finish(),
-            base: config.frontend.backend_url.clone(),
-            resolve: u.resolve.iter().filter_map(|r| ResolveRule::parse(r).ok()).collect(),
+            target: Target::new(
+                &config.frontend.backend_url,
+                &u.resolve.iter().filter_map(|r| ResolveRule::parse(r).ok()).collect::<Vec<_>>(),
+            ),
             cfg: u.clone(),
             retry: config.features.retry,
             timeouts,
             pod: HeaderValue::try_from(pod).ok(),
         }
-    }
-
-    fn target(&self, path_and_query: &str) -> (Url, Option<SocketAddr>) {
-        let url = self.base.join(path_and_query).unwrap_or_else(|_| self.base.clone());
-        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let addr = self.resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
-        (url, addr)
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -241,10 +260,10 @@ impl Upstream {
         resend: usize,
         trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let (url, addr) = self.target(path_and_query);
+        let (url, addr) = (self.target.url(path_and_query), self.target.addr);
         // With tracing on, only a sampled request's attempts are spans (a probe's are not).
         let span = if trace.is_some_and(|t| t.sampled) || !telemetry::enabled() {
-            attempt_span(method, &url, addr, resend)
+            attempt_span(method, &url, path_and_query, &self.target, resend)
         } else {
             tracing::Span::none()
         };
@@ -281,13 +300,13 @@ impl Upstream {
     async fn send(
         &self,
         method: &Method,
-        url: Url,
+        url: String,
         addr: Option<SocketAddr>,
         body: Bytes,
         span: &tracing::Span,
         trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut req = self.client.request(method.clone(), url.as_str());
+        let mut req = self.client.request(method.clone(), url);
         if let Some(pod) = &self.pod {
             req = req.insert_header((HeaderName::from_static(POD_HEADER), pod.clone()));
         }
@@ -326,27 +345,24 @@ impl Upstream {
 }
 
 /// The client span of one attempt (sampled requests, and the pretty log with tracing off).
-fn attempt_span(method: &Method, url: &Url, addr: Option<SocketAddr>, resend: usize) -> tracing::Span {
-    let span = tracing::info_span!(
+fn attempt_span(method: &Method, url: &str, path_and_query: &str, target: &Target, resend: usize) -> tracing::Span {
+    let path = path_and_query.split('?').next().unwrap_or(path_and_query);
+    tracing::info_span!(
         "upstream attempt",
-        otel.name = %format_args!("{method} {}", url.path()),
+        otel.name = %format_args!("{method} {path}"),
         otel.kind = "client",
         otel.status_code = tracing::field::Empty,
         http.request.method = %method,
-        url.full = %url,
-        server.address = url.host_str().unwrap_or(""),
-        server.port = i64::from(url.port_or_known_default().unwrap_or(80)),
-        network.peer.address = tracing::field::Empty,
+        url.full = url,
+        server.address = target.host.as_str(),
+        server.port = i64::from(target.port),
+        network.peer.address = target.addr.map(tracing::field::display),
         http.request.resend_count = resend as i64,
         http.response.status_code = tracing::field::Empty,
         graceful.peer.pod = tracing::field::Empty,
         error.type = tracing::field::Empty,
         duration_ms = tracing::field::Empty,
-    );
-    if let Some(a) = addr {
-        span.record("network.peer.address", tracing::field::display(a));
-    }
-    span
+    )
 }
 
 /// The trace id a log line must carry itself: an unsampled request has no span to lend it one.

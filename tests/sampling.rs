@@ -135,6 +135,12 @@ fn the_sampled_flag_goes_off_with_the_trace_id_and_nothing_is_exported() {
     let server = ours.iter().find(|s| s.service_name == "fe-parent" && s.kind == KIND_SERVER).unwrap();
     assert_eq!(server.attr_str("http.route"), Some("/api/data"), "sampled spans keep their attributes");
     assert_eq!(server.attr_i64("http.response.status_code"), Some(200));
+    let client = ours.iter().find(|s| s.kind == KIND_CLIENT).unwrap();
+    assert_eq!(client.name, "GET /api/data");
+    assert_eq!(client.attr_str("url.full"), Some(format!("{url}/api/data?work_ms=0").as_str()));
+    assert_eq!(client.attr_str("server.address"), Some("127.0.0.1"));
+    assert_eq!(client.attr_i64("server.port"), Some(i64::from(backend.addr.port())));
+    assert_eq!(client.attr_i64("http.response.status_code"), Some(200));
     assert!(spans.iter().all(|s| !ids.contains(&s.trace_id)), "no span of an unsampled request");
 }
 
