@@ -58,9 +58,9 @@ async fn proxy_data(ctx: Shared, upstream: web::Data<Upstream>, req: HttpRequest
     };
     let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
     let trace = request_trace(&req);
-    let outcome = upstream.call(method, &path, body, &ctx.metrics, trace).await;
-    // The request's server span (none when unsampled): the handler runs inside it.
-    respond(&ctx, &tracing::Span::current(), trace, outcome)
+    let root = telemetry::server_span(&req.extensions());
+    let outcome = upstream.call(method, &path, body, &ctx.metrics, trace, &root).await;
+    respond(&ctx, &root, trace, outcome)
 }
 
 /// Adds `trace_id` to a JSON body only when there is one (tracing on): never an empty string.
@@ -124,6 +124,7 @@ fn respond(ctx: &Ctx, root: &tracing::Span, tid: Option<RequestTrace>, outcome: 
             // An unsampled request has no span to lend the line its trace id.
             let unsampled = tid.filter(|t| !t.sampled);
             tracing::warn!(
+                parent: root,
                 trace_id = unsampled.as_ref().map(RequestTrace::hex),
                 error.type = e.kind.as_str(),
                 detail = %e.detail,
@@ -155,7 +156,8 @@ async fn startup(
         return HttpResponse::Ok().json(json!({"status": "started", "code": code}));
     }
     let trace = request_trace(&req);
-    let outcome = upstream.call(Method::GET, "/get-config", web::Bytes::new(), &ctx.metrics, trace).await;
+    let root = telemetry::server_span(&req.extensions());
+    let outcome = upstream.call(Method::GET, "/get-config", web::Bytes::new(), &ctx.metrics, trace, &root).await;
     let code = outcome.result.as_ref().ok().and_then(|r| {
         serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| v.get("code")?.as_str().map(str::to_string))
     });
@@ -187,8 +189,10 @@ async fn who_am_i(ctx: Shared, cache: web::Data<StartupCache>) -> HttpResponse {
 
 /// Checks the backend's `/ping`. Kept for the task-03 rubric only: as a liveness probe this is an
 /// anti-pattern (a backend outage would restart every healthy frontend); `/livez` never does this.
-async fn health(ctx: Shared, upstream: web::Data<Upstream>, req: HttpRequest) -> HttpResponse {
-    let outcome = upstream.call(Method::GET, "/ping", web::Bytes::new(), &ctx.metrics, request_trace(&req)).await;
+async fn health(ctx: Shared, upstream: web::Data<Upstream>) -> HttpResponse {
+    // A probe path: no trace (see `telemetry::is_probe_path`).
+    let outcome =
+        upstream.call(Method::GET, "/ping", web::Bytes::new(), &ctx.metrics, None, &tracing::Span::none()).await;
     match outcome.result {
         Ok(r) if r.status == StatusCode::OK => HttpResponse::Ok().json(json!({"status": "ok", "backend": "reachable"})),
         Ok(r) => HttpResponse::ServiceUnavailable()

@@ -15,7 +15,7 @@ use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
-use tracing::{Instrument, Span};
+use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
@@ -187,6 +187,9 @@ async fn lifecycle(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
     let span = (!server_span.is_disabled()).then(|| server_span.clone());
+    if let Some(s) = &span {
+        req.extensions_mut().insert(telemetry::ServerSpan(s.clone()));
+    }
     let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
@@ -199,7 +202,7 @@ async fn lifecycle(
             BodyError::Broken => StatusCode::BAD_REQUEST,
         };
         // Unsampled requests have no span to give the line its trace id.
-        tracing::info!(status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "request body not read: {e:?}");
+        tracing::info!(parent: server_span, status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "request body not read: {e:?}");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
@@ -209,14 +212,14 @@ async fn lifecycle(
     // Biased: a handler that is done at its first poll never starts the hang-up check's timer.
     let result = tokio::select! {
         biased;
-        r = server_span.in_scope(|| next.call(req)).instrument(server_span.clone()) => Some(r),
+        r = next.call(req) => Some(r),
         _ = request_bounds::client_gone(peer) => None,
     };
     let Some(result) = result else {
         if let Some(span) = &span {
             span.record("error.type", "client_disconnected");
         }
-        tracing::info!(route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "client disconnected; request cancelled");
+        tracing::info!(parent: server_span, route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "client disconnected; request cancelled");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };

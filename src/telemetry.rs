@@ -344,6 +344,17 @@ fn request_span(request: &ServiceRequest, pod: &str, phase: &'static str) -> Spa
     )
 }
 
+/// The request's server span, in its extensions for the handlers: spans and log lines inside a
+/// request name it as their parent explicitly, so that it is never entered and left on every poll
+/// (each costs every layer a lookup, and the OpenTelemetry layer a timestamp).
+#[derive(Clone)]
+pub struct ServerSpan(pub Span);
+
+/// The server span of the request being served (`Span::none()` when it has none).
+pub fn server_span(extensions: &actix_web::dev::Extensions) -> Span {
+    extensions.get::<ServerSpan>().map(|s| s.0.clone()).unwrap_or_else(Span::none)
+}
+
 /// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
 /// returns its server span (`Span::none()` when unsampled, and for probe paths).
 pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {

@@ -10,7 +10,6 @@ use actix_web::http::{Method, StatusCode};
 use awc::error::{ConnectError, PayloadError, SendRequestError};
 use backon::{ExponentialBuilder, Retryable};
 use bytes_compat::Bytes;
-use tracing::Instrument;
 use url::Url;
 
 use crate::config::{Config, ResolveRule};
@@ -196,7 +195,7 @@ impl Upstream {
 
     /// Calls the backend. Only idempotent methods are retried, and only when `features.retry` is on.
     /// `trace`: the calling request's (`None` with tracing off); an unsampled one gets no attempt
-    /// spans, only its trace id passed on.
+    /// spans, only its trace id passed on. `parent`: its server span, the attempts' parent.
     pub async fn call(
         &self,
         method: Method,
@@ -204,13 +203,14 @@ impl Upstream {
         body: Bytes,
         metrics: &Metrics,
         trace: Option<RequestTrace>,
+        parent: &tracing::Span,
     ) -> Outcome {
         let attempts = Cell::new(0usize);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
         let once = || async {
             let n = attempts.get();
             attempts.set(n + 1);
-            let res = self.attempt(&method, path_and_query, body.clone(), n, trace).await;
+            let res = self.attempt(&method, path_and_query, body.clone(), n, trace, parent).await;
             let outcome = match &res {
                 Ok(_) => "ok".to_string(),
                 Err(e) => e.kind.as_str().to_string(),
@@ -226,6 +226,7 @@ impl Upstream {
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
                         tracing::info!(
+                            parent: parent,
                             trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
                             error.type = e.kind.as_str(),
                             attempt = attempts.get() as i64,
@@ -259,17 +260,19 @@ impl Upstream {
         body: Bytes,
         resend: usize,
         trace: Option<RequestTrace>,
+        parent: &tracing::Span,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let (url, addr) = (self.target.url(path_and_query), self.target.addr);
         // With tracing on, only a sampled request's attempts are spans (a probe's are not).
         let span = if trace.is_some_and(|t| t.sampled) || !telemetry::enabled() {
-            attempt_span(method, &url, path_and_query, &self.target, resend)
+            attempt_span(parent, method, &url, path_and_query, &self.target, resend)
         } else {
             tracing::Span::none()
         };
         let started = Instant::now();
         let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
-        let result = self.send(method, url, addr, body, &span, trace).instrument(span.clone()).await;
+        // Not entered on every poll (see `telemetry::ServerSpan`): nothing inside names it implicitly.
+        let result = self.send(method, url, addr, body, &span, trace).await;
         cancelled.finished = true;
         span.record("duration_ms", started.elapsed().as_millis() as i64);
         match &result {
@@ -345,9 +348,17 @@ impl Upstream {
 }
 
 /// The client span of one attempt (sampled requests, and the pretty log with tracing off).
-fn attempt_span(method: &Method, url: &str, path_and_query: &str, target: &Target, resend: usize) -> tracing::Span {
+fn attempt_span(
+    parent: &tracing::Span,
+    method: &Method,
+    url: &str,
+    path_and_query: &str,
+    target: &Target,
+    resend: usize,
+) -> tracing::Span {
     let path = path_and_query.split('?').next().unwrap_or(path_and_query);
     tracing::info_span!(
+        parent: parent,
         "upstream attempt",
         otel.name = %format_args!("{method} {path}"),
         otel.kind = "client",
