@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod otlp_receiver;
 pub mod probe;
 pub mod request_bounds;
+pub mod sampling;
 pub mod server;
 pub mod signals;
 pub mod startup;

@@ -16,7 +16,6 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
 use tracing::Span;
-use tracing_actix_web::{RootSpan, TracingLogger};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
@@ -27,7 +26,7 @@ use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
 use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
-use crate::telemetry::{self, RequestSpan};
+use crate::telemetry::{self, RequestTrace};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
@@ -55,18 +54,26 @@ pub struct Ctx {
     markers: Arc<Markers>,
     /// Covers the life of the process; events mark each step of termination.
     lifecycle_span: Mutex<Option<Span>>,
+    /// `x-graceful-pod` on every response, made once.
+    pod_header: Option<HeaderValue>,
 }
 
 pub type Shared = web::Data<Ctx>;
 
 impl Ctx {
     pub fn new(role: &'static str, config: Config, identity: Identity) -> Shared {
-        let lifecycle_span = tracing::info_span!(
-            "lifecycle",
-            otel.name = "lifecycle",
-            graceful.role = role,
-            graceful.pod = %identity.pod_name,
-        );
+        // Sampled like a request with no caller (a ratio sampler may leave it out).
+        let lifecycle_span = if telemetry::root_sampled("lifecycle") {
+            tracing::info_span!(
+                "lifecycle",
+                otel.name = "lifecycle",
+                graceful.role = role,
+                graceful.pod = %identity.pod_name,
+            )
+        } else {
+            Span::none()
+        };
+        let pod_header = HeaderValue::try_from(identity.pod_name.as_str()).ok();
         web::Data::new(Ctx {
             role,
             metrics: Metrics::new(role),
@@ -78,6 +85,7 @@ impl Ctx {
             unread: Arc::default(),
             markers: Arc::default(),
             lifecycle_span: Mutex::new(Some(lifecycle_span)),
+            pod_header,
         })
     }
 
@@ -152,24 +160,37 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
-/// `Connection: close` while draining, pod and trace headers, metrics.
-async fn lifecycle_middleware(
-    mut req: ServiceRequest,
+/// The request's server span around everything else (`lifecycle`). Our own, not
+/// tracing-actix-web's middleware: that one generated a random request id (a `getrandom` call)
+/// and wrapped every body, on every request, traced or not.
+async fn request_middleware(
+    req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let ctx = req.app_data::<Shared>().cloned().expect("Ctx is registered on every app");
     if let Some(conn) = req.conn_data::<ConnectionGuard>() {
         conn.request_started();
     }
+    let span = telemetry::start_request(&req, &ctx.identity.pod_name, ctx.lifecycle.phase().as_str());
+    let outcome = lifecycle(ctx, req, next, &span).await;
+    telemetry::end_request(&span, &outcome);
+    outcome
+}
+
+/// Phase, in-flight tracking, body-read bound, cancellation when the client hangs up,
+/// `Connection: close` while draining, pod and trace headers, metrics.
+async fn lifecycle(
+    ctx: Shared,
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+    server_span: &Span,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
-    let span = req.extensions().get::<RootSpan>().map(|s| Span::clone(s));
-    let phase_start = ctx.lifecycle.phase();
-    if let Some(span) = &span {
-        span.record("graceful.shutdown.phase", phase_start.as_str());
-        span.record("graceful.pod", ctx.identity.pod_name.as_str());
+    let span = (!server_span.is_disabled()).then(|| server_span.clone());
+    if let Some(s) = &span {
+        req.extensions_mut().insert(telemetry::ServerSpan(s.clone()));
     }
-    let tid = telemetry::request_trace_id(&req.extensions());
+    let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let what = format!("{method} {}", req.uri());
@@ -180,14 +201,17 @@ async fn lifecycle_middleware(
             BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::Broken => StatusCode::BAD_REQUEST,
         };
-        tracing::info!(status = status.as_u16(), route = %route, "request body not read: {e:?}");
+        // Unsampled requests have no span to give the line its trace id.
+        tracing::info!(parent: server_span, status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "request body not read: {e:?}");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
         return Ok(req.into_response(res).map_into_right_body());
     }
     // Dropping the handler's future cancels its work (and, in the frontend, its upstream attempts).
+    // Biased: a handler that is done at its first poll never starts the hang-up check's timer.
     let result = tokio::select! {
+        biased;
         r = next.call(req) => Some(r),
         _ = request_bounds::client_gone(peer) => None,
     };
@@ -195,7 +219,7 @@ async fn lifecycle_middleware(
         if let Some(span) = &span {
             span.record("error.type", "client_disconnected");
         }
-        tracing::info!(route = %route, "client disconnected; request cancelled");
+        tracing::info!(parent: server_span, route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "client disconnected; request cancelled");
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };
@@ -214,11 +238,11 @@ async fn lifecycle_middleware(
         res.response_mut().head_mut().set_connection_type(ConnectionType::Close);
     }
     let headers = res.headers_mut();
-    if let Ok(v) = HeaderValue::try_from(ctx.identity.pod_name.as_str()) {
-        headers.insert(HeaderName::from_static(POD_HEADER), v);
+    if let Some(v) = &ctx.pod_header {
+        headers.insert(HeaderName::from_static(POD_HEADER), v.clone());
     }
-    if !tid.is_empty() {
-        if let Ok(v) = HeaderValue::try_from(tid) {
+    if let Some(t) = trace {
+        if let Ok(v) = HeaderValue::from_str(t.hex()) {
             headers.insert(HeaderName::from_static(TRACE_HEADER), v);
         }
     }
@@ -386,8 +410,7 @@ where
     let public = HttpServer::new(move || {
         App::new()
             .app_data(app_ctx.clone())
-            .wrap(from_fn(lifecycle_middleware))
-            .wrap(TracingLogger::<RequestSpan>::new())
+            .wrap(from_fn(request_middleware))
             .configure(routes.clone())
             .configure(public_probes)
     })

@@ -12,23 +12,27 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::HttpMessage;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::Span;
-use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use crate::identity::Identity;
+pub use crate::sampling::RequestTrace;
+use crate::sampling::{self, HeadSampler};
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// Set with the provider: decides each request's sampling before its spans exist.
+static HEAD: OnceLock<HeadSampler> = OnceLock::new();
 /// Keeps the gRPC exporter's runtime alive for the life of the process.
 static GRPC_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -73,12 +77,7 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer()
-            .fmt_fields(crate::log_format::SpanFieldsForLogs)
-            .event_format(crate::log_format::JsonWithTraceIds)
-            .with_writer(std::io::stdout)
-            .with_filter(log_filter)
-            .boxed()
+        crate::log_format::json_layer(std::io::stdout, log_filter).boxed()
     } else {
         tracing_subscriber::fmt::layer().with_writer(std::io::stdout).with_filter(log_filter).boxed()
     };
@@ -87,9 +86,12 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let provider = build_provider(role, cfg, identity, &target)?;
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
             let _ = PROVIDER.set(provider);
             // Per-span extras (code location, thread, busy/idle timers, level, target) cost time on
-            // every request and say nothing about where a request died.
+            // every request and say nothing about where a request died. Context activation would
+            // attach an OTel Context on every poll; parents come from tracing's own span tree and
+            // propagation reads the span's context explicitly (`inject`), so nothing needs it.
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
@@ -99,13 +101,23 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
                     .with_tracked_inactivity(false)
                     .with_level(false)
                     .with_target(false)
+                    .with_context_activation(false)
                     .with_filter(trace_filter()),
             )
         }
         None => None,
     };
-    tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
+    let mut layers = vec![fmt];
+    layers.extend(otel.map(Layer::boxed));
+    subscriber(layers).try_init()?;
     Ok(())
+}
+
+/// The layers in a `Vec`, not as `Option` layers: a `None` layer counts as one that wants every
+/// span, so with tracing off every request span was still built for the log layer whose filter
+/// takes none (measured: 26 k instructions per request).
+fn subscriber(layers: Vec<Box<dyn Layer<Registry> + Send + Sync>>) -> impl tracing::Subscriber + Send + Sync {
+    tracing_subscriber::registry().with(layers)
 }
 
 /// What is exported, whatever the log level: our spans and events at info and above. The
@@ -171,21 +183,11 @@ fn build_provider(
     };
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(sampler(cfg))
+        // Sampling was decided before the span was built (`sampling::HeadSampler`, from the same
+        // configuration): what reaches the provider is exported.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(resource(role, cfg, identity))
         .build())
-}
-
-fn sampler(cfg: &Config) -> Sampler {
-    let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
-    match cfg.telemetry.sampler.as_str() {
-        "always_on" => Sampler::AlwaysOn,
-        "always_off" => Sampler::AlwaysOff,
-        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
-        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
-        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
-        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-    }
 }
 
 pub fn service_name(role: &str, cfg: &Config) -> String {
@@ -246,25 +248,29 @@ pub fn shutdown(bound: Duration) {
     }
 }
 
-/// The W3C trace id of a span ("" when tracing is off).
-pub fn trace_id(span: &Span) -> String {
-    if !enabled() {
-        return String::new();
-    }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        sc.trace_id().to_string()
-    } else {
-        String::new()
-    }
+/// Whether a span with no caller (the lifecycle span) is traced; true when tracing is off, so
+/// that pretty logs still show it.
+pub fn root_sampled(name: &str) -> bool {
+    HEAD.get().is_none_or(|h| h.decide_root(name))
 }
 
 struct ActixHeaders<'a>(&'a HeaderMap);
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The propagation header names, made once (a `&str` key is parsed into a name on every use).
+fn header_name(key: &str) -> Option<HeaderName> {
+    match key {
+        "traceparent" => Some(TRACEPARENT),
+        "tracestate" => Some(TRACESTATE),
+        _ => HeaderName::try_from(key).ok(),
+    }
+}
+
 impl Extractor for ActixHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        self.0.get(header_name(key)?).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -278,28 +284,28 @@ pub struct OutgoingHeaders(pub Vec<(HeaderName, HeaderValue)>);
 
 impl Injector for OutgoingHeaders {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+        if let (Some(k), Ok(v)) = (header_name(key), HeaderValue::try_from(value)) {
             self.0.push((k, v));
         }
     }
 }
 
-/// `traceparent` for a call made inside `span` (its parent is that span, not a detached context).
-pub fn inject(span: &Span) -> OutgoingHeaders {
+/// `traceparent` for a call made by a request: from the call's own span when the request is
+/// sampled (its parent is that span, not a detached context), else the request's trace id with
+/// the sampled flag off. Nothing when tracing is off.
+pub fn inject(span: &Span, trace: Option<RequestTrace>) -> OutgoingHeaders {
     let mut out = OutgoingHeaders::default();
-    if enabled() {
-        TraceContextPropagator::new().inject_context(&span.context(), &mut out);
+    match (HEAD.get(), trace) {
+        (Some(_), Some(t)) if t.sampled => TraceContextPropagator::new().inject_context(&span.context(), &mut out),
+        (Some(head), Some(t)) => out.set("traceparent", head.unsampled_traceparent(&t)),
+        _ => {}
     }
     out
 }
 
-/// The trace id of the request being served (set when its server span is built).
-#[derive(Clone, Debug)]
-struct RequestTraceId(String);
-
-/// The current request's trace id, or "" when spans are not exported.
-pub fn request_trace_id(extensions: &actix_web::dev::Extensions) -> String {
-    extensions.get::<RequestTraceId>().map(|t| t.0.clone()).unwrap_or_default()
+/// The trace of the request being served (`None` when tracing is off).
+pub fn request_trace(extensions: &actix_web::dev::Extensions) -> Option<RequestTrace> {
+    extensions.get::<RequestTrace>().copied()
 }
 
 /// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
@@ -308,74 +314,97 @@ pub fn is_probe_path(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
 }
 
-/// The server span of every request: the fields that say where a request died, in OpenTelemetry's
-/// semantic-convention names, and the caller's W3C context. Leaner than tracing-actix-web's
-/// default (no request id, no duplicated pre-1.0 `http.*` names): every field is paid for on
-/// every request. Probe paths get no span (kubelet polls them every few seconds).
-pub struct RequestSpan;
+/// The server span of every sampled request: the fields that say where a request died, in
+/// OpenTelemetry's semantic-convention names, and the caller's W3C context. Leaner than
+/// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every field
+/// is paid for on every sampled request, and what is known at the start is set then, not recorded
+/// after. Unsampled requests and probe paths (kubelet polls them every few seconds) get no span.
+fn request_span(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
+    let route = request.match_pattern();
+    let route = route.as_deref().unwrap_or("unmatched");
+    let method = request.method();
+    tracing::info_span!(
+        "HTTP request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.path = request.path(),
+        client.address = request.peer_addr().map(|a| tracing::field::display(a.ip())),
+        http.response.status_code = tracing::field::Empty,
+        exception.message = tracing::field::Empty,
+        exception.details = tracing::field::Empty,
+        graceful.shutdown.phase = phase,
+        graceful.shutdown.phase_end = tracing::field::Empty,
+        graceful.ms_since_sigterm = tracing::field::Empty,
+        graceful.dropped = tracing::field::Empty,
+        graceful.pod = pod,
+        error.type = tracing::field::Empty,
+    )
+}
 
-impl RootSpanBuilder for RequestSpan {
-    fn on_request_start(request: &ServiceRequest) -> Span {
-        if is_probe_path(request.path()) {
-            return Span::none();
-        }
-        let route = request.match_pattern();
-        let route = route.as_deref().unwrap_or("unmatched");
-        let method = request.method();
-        let span = tracing::info_span!(
-            "HTTP request",
-            otel.name = %format_args!("{method} {route}"),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            http.route = route,
-            url.path = request.path(),
-            client.address = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            exception.message = tracing::field::Empty,
-            exception.details = tracing::field::Empty,
-            graceful.shutdown.phase = tracing::field::Empty,
-            graceful.shutdown.phase_end = tracing::field::Empty,
-            graceful.ms_since_sigterm = tracing::field::Empty,
-            graceful.dropped = tracing::field::Empty,
-            graceful.pod = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-        );
-        if let Some(peer) = request.peer_addr() {
-            span.record("client.address", tracing::field::display(peer.ip()));
-        }
-        if enabled() {
-            let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
-            if parent.span().span_context().is_valid() {
-                // Must happen before anything starts the span (context(), enter).
-                let _ = span.set_parent(parent);
-            }
-            // Once per request: the response header and error bodies read it from here.
-            request.extensions_mut().insert(RequestTraceId(trace_id(&span)));
-        }
-        span
-    }
+/// The request's server span, in its extensions for the handlers: spans and log lines inside a
+/// request name it as their parent explicitly, so that it is never entered and left on every poll
+/// (each costs every layer a lookup, and the OpenTelemetry layer a timestamp).
+#[derive(Clone)]
+pub struct ServerSpan(pub Span);
 
-    fn on_request_end<B: actix_web::body::MessageBody>(
-        span: Span,
-        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
-    ) {
-        // The default marks every response without an actix error "OK", a 502 included, and OTel
-        // makes OK final; so plain responses are marked here and only actix errors go to it.
-        match outcome {
-            Ok(res) if res.response().error().is_none() => {
-                span.record("http.response.status_code", i64::from(res.status().as_u16()));
-                let failed = res.status().is_server_error();
-                span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
-            }
-            _ => {
-                if let Ok(res) = outcome {
-                    span.record("http.response.status_code", i64::from(res.status().as_u16()));
-                }
-                DefaultRootSpanBuilder::on_request_end(span, outcome);
-            }
-        }
+/// The server span of the request being served (`Span::none()` when it has none).
+pub fn server_span(extensions: &actix_web::dev::Extensions) -> Span {
+    extensions.get::<ServerSpan>().map(|s| s.0.clone()).unwrap_or_else(Span::none)
+}
+
+/// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
+/// returns its server span (`Span::none()` when unsampled, and for probe paths).
+pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
+    if is_probe_path(request.path()) {
+        return Span::none();
     }
+    let Some(head) = HEAD.get() else {
+        // Tracing off: the span is for the pretty log layer only (the JSON one takes no spans).
+        return request_span(request, pod, phase);
+    };
+    let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
+    let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
+    if !decided.sampled {
+        // No span at all: the trace id travels in the extensions, for the response header,
+        // the bodies, the log lines and the next hop's traceparent.
+        request.extensions_mut().insert(decided);
+        return Span::none();
+    }
+    let span = request_span(request, pod, phase);
+    let trace_id = if parent.span().span_context().is_valid() {
+        let id = decided.trace_id;
+        // Must happen before anything starts the span (context(), enter). Nothing starts it
+        // here: until it is, the fields recorded later are only gathered, which costs less.
+        let _ = span.set_parent(parent);
+        id
+    } else {
+        // A root's trace id is the one the SDK gives its span (the decision's was only drawn on).
+        span.context().span().span_context().trace_id()
+    };
+    request.extensions_mut().insert(RequestTrace::new(trace_id, true));
+    span
+}
+
+/// A request's end on its server span: the status, and whether it failed. A 5xx is an error,
+/// a 4xx is the client's (OTel makes OK final, so plain responses are marked here too).
+pub fn end_request<B>(span: &Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+    if span.is_disabled() {
+        return;
+    }
+    let (status, error) = match outcome {
+        Ok(res) => (res.status(), res.response().error().map(|e| e.as_response_error())),
+        Err(e) => (e.as_response_error().status_code(), Some(e.as_response_error())),
+    };
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if let Some(e) = error {
+        span.record("exception.message", tracing::field::display(e));
+        span.record("exception.details", tracing::field::debug(e));
+    }
+    let failed = status.is_server_error() || (error.is_some() && !status.is_client_error());
+    span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
 }
 
 #[cfg(test)]
@@ -386,6 +415,21 @@ mod tests {
     fn resource_attributes_parse_like_the_spec() {
         let got = parse_resource_attributes("deployment.environment=lab, team=sre%20core,=x,bad");
         assert_eq!(got, vec![("deployment.environment".into(), "lab".into()), ("team".into(), "sre core".into())]);
+    }
+
+    #[test]
+    fn with_tracing_off_no_span_is_built() {
+        let json = crate::log_format::json_layer(std::io::sink, EnvFilter::new("info")).boxed();
+        tracing::subscriber::with_default(subscriber(vec![json]), || {
+            assert!(tracing::info_span!("HTTP request", http.route = "/api/data").is_disabled());
+        });
+        // What the Vec avoids: the same log layer beside a `None` layer builds every span.
+        let json = crate::log_format::json_layer(std::io::sink, EnvFilter::new("info")).boxed();
+        let none: Option<tracing_subscriber::fmt::Layer<_>> = None;
+        let with_none = tracing_subscriber::registry().with(json).with(none);
+        tracing::subscriber::with_default(with_none, || {
+            assert!(!tracing::info_span!("HTTP request", http.route = "/api/data").is_disabled());
+        });
     }
 
     #[test]

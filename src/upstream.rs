@@ -5,17 +5,17 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use awc::error::{ConnectError, PayloadError, SendRequestError};
 use backon::{ExponentialBuilder, Retryable};
 use bytes_compat::Bytes;
-use tracing::Instrument;
 use url::Url;
 
 use crate::config::{Config, ResolveRule};
 use crate::metrics::{AttemptLabels, Metrics};
 use crate::server::POD_HEADER;
-use crate::telemetry;
+use crate::telemetry::{self, RequestTrace};
 
 /// Re-exported through actix so we don't pin another `bytes`.
 mod bytes_compat {
@@ -116,15 +116,41 @@ impl Outcome {
     }
 }
 
+/// Where every call goes, worked out once: a call's absolute path replaces the base URL's, so
+/// only the origin, its host and port (for the span) and its `--resolve` address matter.
+struct Target {
+    origin: String,
+    host: String,
+    port: u16,
+    addr: Option<SocketAddr>,
+}
+
+impl Target {
+    fn new(base: &Url, resolve: &[ResolveRule]) -> Self {
+        let host = base.host_str().unwrap_or("").to_ascii_lowercase();
+        let port = base.port_or_known_default().unwrap_or(80);
+        let addr = resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
+        Target { origin: base[..url::Position::BeforePath].to_string(), host, port, addr }
+    }
+
+    /// The URL of `path_and_query` (absolute: it starts with `/`), without parsing a URL again.
+    fn url(&self, path_and_query: &str) -> String {
+        let mut url = String::with_capacity(self.origin.len() + path_and_query.len());
+        url.push_str(&self.origin);
+        url.push_str(path_and_query);
+        url
+    }
+}
+
 /// One per worker (awc's client is not `Send`).
 pub struct Upstream {
     client: awc::Client,
-    base: Url,
-    resolve: Vec<ResolveRule>,
+    target: Target,
     cfg: crate::config::Upstream,
     retry: bool,
     timeouts: bool,
-    pod: String,
+    /// This pod's name as a header value, made once (not parsed again on every call).
+    pod: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -144,21 +170,15 @@ impl Upstream {
         }
         Upstream {
             client: builder.connector(connector).finish(),
-            base: config.frontend.backend_url.clone(),
-            resolve: u.resolve.iter().filter_map(|r| ResolveRule::parse(r).ok()).collect(),
+            target: Target::new(
+                &config.frontend.backend_url,
+                &u.resolve.iter().filter_map(|r| ResolveRule::parse(r).ok()).collect::<Vec<_>>(),
+            ),
             cfg: u.clone(),
             retry: config.features.retry,
             timeouts,
-            pod: pod.to_string(),
+            pod: HeaderValue::try_from(pod).ok(),
         }
-    }
-
-    fn target(&self, path_and_query: &str) -> (Url, Option<SocketAddr>) {
-        let url = self.base.join(path_and_query).unwrap_or_else(|_| self.base.clone());
-        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let addr = self.resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
-        (url, addr)
     }
 
     fn backoff(&self) -> ExponentialBuilder {
@@ -174,13 +194,23 @@ impl Upstream {
     }
 
     /// Calls the backend. Only idempotent methods are retried, and only when `features.retry` is on.
-    pub async fn call(&self, method: Method, path_and_query: &str, body: Bytes, metrics: &Metrics) -> Outcome {
+    /// `trace`: the calling request's (`None` with tracing off); an unsampled one gets no attempt
+    /// spans, only its trace id passed on. `parent`: its server span, the attempts' parent.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+        metrics: &Metrics,
+        trace: Option<RequestTrace>,
+        parent: &tracing::Span,
+    ) -> Outcome {
         let attempts = Cell::new(0usize);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
         let once = || async {
             let n = attempts.get();
             attempts.set(n + 1);
-            let res = self.attempt(&method, path_and_query, body.clone(), n).await;
+            let res = self.attempt(&method, path_and_query, body.clone(), n, trace, parent).await;
             let outcome = match &res {
                 Ok(_) => "ok".to_string(),
                 Err(e) => e.kind.as_str().to_string(),
@@ -196,6 +226,8 @@ impl Upstream {
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
                         tracing::info!(
+                            parent: parent,
+                            trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
                             error.type = e.kind.as_str(),
                             attempt = attempts.get() as i64,
                             backoff_ms = wait.as_millis() as i64,
@@ -227,32 +259,20 @@ impl Upstream {
         path_and_query: &str,
         body: Bytes,
         resend: usize,
+        trace: Option<RequestTrace>,
+        parent: &tracing::Span,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let (url, addr) = self.target(path_and_query);
-        let host = url.host_str().unwrap_or("").to_string();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let span = tracing::info_span!(
-            "upstream attempt",
-            otel.name = %format!("{method} {}", url.path()),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            url.full = %url,
-            server.address = %host,
-            server.port = i64::from(port),
-            network.peer.address = tracing::field::Empty,
-            http.request.resend_count = resend as i64,
-            http.response.status_code = tracing::field::Empty,
-            graceful.peer.pod = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            duration_ms = tracing::field::Empty,
-        );
-        if let Some(a) = addr {
-            span.record("network.peer.address", a.to_string());
-        }
+        let (url, addr) = (self.target.url(path_and_query), self.target.addr);
+        // With tracing on, only a sampled request's attempts are spans (a probe's are not).
+        let span = if trace.is_some_and(|t| t.sampled) || !telemetry::enabled() {
+            attempt_span(parent, method, &url, path_and_query, &self.target, resend)
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
-        let result = self.send(method, url, addr, body, &span).instrument(span.clone()).await;
+        // Not entered on every poll (see `telemetry::ServerSpan`): nothing inside names it implicitly.
+        let result = self.send(method, url, addr, body, &span, trace).await;
         cancelled.finished = true;
         span.record("duration_ms", started.elapsed().as_millis() as i64);
         match &result {
@@ -268,7 +288,13 @@ impl Upstream {
                 if let Some(s) = e.status {
                     span.record("http.response.status_code", i64::from(s));
                 }
-                tracing::warn!(parent: &span, error.type = e.kind.as_str(), detail = %e.detail, "upstream attempt failed");
+                tracing::warn!(
+                    parent: &span,
+                    trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
+                    error.type = e.kind.as_str(),
+                    detail = %e.detail,
+                    "upstream attempt failed"
+                );
             }
         }
         result
@@ -277,16 +303,20 @@ impl Upstream {
     async fn send(
         &self,
         method: &Method,
-        url: Url,
+        url: String,
         addr: Option<SocketAddr>,
         body: Bytes,
         span: &tracing::Span,
+        trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut req = self.client.request(method.clone(), url.as_str()).insert_header((POD_HEADER, self.pod.as_str()));
+        let mut req = self.client.request(method.clone(), url);
+        if let Some(pod) = &self.pod {
+            req = req.insert_header((HeaderName::from_static(POD_HEADER), pod.clone()));
+        }
         if let Some(a) = addr {
             req = req.address(a);
         }
-        for (k, v) in telemetry::inject(span).0 {
+        for (k, v) in telemetry::inject(span, trace).0 {
             req = req.insert_header((k, v));
         }
         let resp = req.send_body(body).await.map_err(classify_send)?;
@@ -315,6 +345,40 @@ impl Upstream {
         }
         Ok(UpstreamResponse { status, body, pod })
     }
+}
+
+/// The client span of one attempt (sampled requests, and the pretty log with tracing off).
+fn attempt_span(
+    parent: &tracing::Span,
+    method: &Method,
+    url: &str,
+    path_and_query: &str,
+    target: &Target,
+    resend: usize,
+) -> tracing::Span {
+    let path = path_and_query.split('?').next().unwrap_or(path_and_query);
+    tracing::info_span!(
+        parent: parent,
+        "upstream attempt",
+        otel.name = %format_args!("{method} {path}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.full = url,
+        server.address = target.host.as_str(),
+        server.port = i64::from(target.port),
+        network.peer.address = target.addr.map(tracing::field::display),
+        http.request.resend_count = resend as i64,
+        http.response.status_code = tracing::field::Empty,
+        graceful.peer.pod = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    )
+}
+
+/// The trace id a log line must carry itself: an unsampled request has no span to lend it one.
+fn unsampled_trace_id(trace: Option<RequestTrace>) -> Option<RequestTrace> {
+    trace.filter(|t| !t.sampled)
 }
 
 /// The overall deadline cancels an attempt by dropping its future: the attempt span must still
