@@ -347,4 +347,24 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
         "{stderr}"
     );
     assert!(!out.join("plain").exists(), "a run started: {}", out.display());
+
+    // A securityContext the runtime cannot honour, in an image it has: refused the same way.
+    if !graceful_archive().is_file() {
+        return;
+    }
+    let privileged = PLAIN_MANIFEST
+        .replace("plain-server:latest", "graceful:latest")
+        .replace("        ports:", "        securityContext: {privileged: true}\n        ports:");
+    std::fs::write(&manifest, privileged).unwrap();
+    let child = graceful()
+        .args(["lab", "--node", "kernel", "--runtime", "oci", "--quiet", "--entry", "plain", "-f"])
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("Deployment plain") && stderr.contains("securityContext.privileged"), "{stderr}");
+    assert!(!out.join("plain").exists(), "a run started: {}", out.display());
 }

@@ -32,7 +32,8 @@ pub struct OciNode {
 impl OciNode {
     /// The store of `refs` (plus graceful:latest from the CI-built archive beside `exe`, when
     /// present) and a runc runtime, both under `out`; every image the `manifests` name is
-    /// unpacked now, so that a missing one fails before any pod starts.
+    /// unpacked now, and every securityContext and resources block checked, so that a missing
+    /// image or a setting the runtime cannot honour fails before any pod starts.
     pub async fn start(
         refs: Vec<oci::ImageRef>,
         exe: &std::path::Path,
@@ -52,7 +53,12 @@ impl OciNode {
                     let image = c.image.as_deref().with_context(|| {
                         format!("{}: Deployment {name}: container `{}` names no image", m.source, c.name)
                     })?;
-                    images.image(image).await.with_context(|| format!("{}: Deployment {name}", m.source))?;
+                    let at = || format!("{}: Deployment {name}", m.source);
+                    images.image(image).await.with_context(at)?;
+                    // What the runtime would refuse at container start, refused now.
+                    let pod_security = pod.and_then(|p| p.security_context.as_ref());
+                    oci::Security::from_kubernetes(pod_security, c.security_context.as_ref()).with_context(at)?;
+                    oci::Resources::from_kubernetes(c.resources.as_ref()).with_context(at)?;
                 }
             }
         }
