@@ -257,7 +257,7 @@ async fn run_all(
                 k.dead_pod
             )
             .to_lowercase()
-                + if k.oci.is_some() { ", pods as OCI containers under runc" } else { "" }
+                + &k.oci.as_ref().map(|o| format!("; {}", o.describe())).unwrap_or_default()
         }
         _ => "process node".to_string(),
     };

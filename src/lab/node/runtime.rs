@@ -27,6 +27,8 @@ const RELEASE_BOUND: Duration = Duration::from_secs(2);
 pub struct OciNode {
     pub images: ImageStore,
     pub runtime: oci::Runtime,
+    /// The images the manifests name, as unpacked before the first run.
+    pub unpacked: Vec<Arc<oci::Image>>,
 }
 
 impl OciNode {
@@ -45,6 +47,7 @@ impl OciNode {
             None => refs,
         };
         let images = ImageStore::new(out.join("images"), refs)?;
+        let mut unpacked: Vec<Arc<oci::Image>> = Vec::new();
         for m in manifests {
             for d in &m.deployments {
                 let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
@@ -54,7 +57,10 @@ impl OciNode {
                         format!("{}: Deployment {name}: container `{}` names no image", m.source, c.name)
                     })?;
                     let at = || format!("{}: Deployment {name}", m.source);
-                    images.image(image).await.with_context(at)?;
+                    let image = images.image(image).await.with_context(at)?;
+                    if !unpacked.iter().any(|u| Arc::ptr_eq(u, &image)) {
+                        unpacked.push(image);
+                    }
                     // What the runtime would refuse at container start, refused now.
                     let pod_security = pod.and_then(|p| p.security_context.as_ref());
                     oci::Security::from_kubernetes(pod_security, c.security_context.as_ref()).with_context(at)?;
@@ -63,7 +69,17 @@ impl OciNode {
             }
         }
         let runtime = oci::Runtime::new(&out.join("oci")).await.context("--runtime oci")?;
-        Ok(OciNode { images, runtime })
+        Ok(OciNode { images, runtime, unpacked })
+    }
+
+    /// For the report's first line: each image, its source and how long unpacking it took.
+    pub fn describe(&self) -> String {
+        let images: Vec<String> = self
+            .unpacked
+            .iter()
+            .map(|i| format!("{} from {} (unpacked in {} ms)", i.name, i.source, i.unpack_time.as_millis()))
+            .collect();
+        format!("pods as OCI containers under runc: {}", images.join(", "))
     }
 }
 
