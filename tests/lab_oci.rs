@@ -198,6 +198,11 @@ fn graceful_image_problem_fails_solution_clean_as_containers() {
             assert_eq!(started, 1, "{name}: one container, no restarts");
         }
     }
+    // The solution's preStop execs /usr/local/bin/graceful, a path only the image has (on a host
+    // without it, a hook run outside the container could not have finished): all six finished.
+    let solution_events = solution["events"].as_array().unwrap();
+    let finished = solution_events.iter().filter(|e| e["kind"] == "pre_stop_finished").count();
+    assert_eq!(finished, 6, "preStop hooks that finished inside the containers");
     assert!(ours >= 4, "the test saw only {ours} of the lab's containers in /proc (found {found:?})");
     assert_runtime_cleaned(&out);
     assert_eq!(HostSnapshot::take(), before, "the host's network namespace changed");
