@@ -9,6 +9,7 @@
 mod bare;
 mod flood;
 mod http;
+mod kernel;
 /// The process harness shared with the black-box tests.
 #[path = "../../tests/common/process.rs"]
 #[allow(dead_code)] // each user takes the part it needs
@@ -38,6 +39,8 @@ const TARGET_RSS_MIB: f64 = 20.0;
 /// Share of what a connection flood added to RSS that must be given back within seconds.
 const TARGET_FLOOD_RETURNED: f64 = 0.5;
 const TARGET_BINARY_MIB: f64 = 20.0;
+/// kube-proxy's nftables rules add a DNAT and a conntrack lookup per packet: next to nothing.
+const TARGET_KERNEL_DATAPATH: f64 = 0.9;
 const TARGET_READY_MS: f64 = 100.0;
 /// Graceful chain req/s against the bare actix → awc → actix chain, at saturation.
 const TARGET_VS_BARE_CHAIN_RPS: f64 = 0.8;
@@ -91,6 +94,9 @@ struct Args {
     /// Internal: serve as a bare reference server (the bench starts these itself)
     #[arg(long, value_name = "ROLE", hide = true)]
     bare_serve: Option<bare::BareRole>,
+    /// Internal: measure the kernel node's datapath inside a private world (JSON plan)
+    #[arg(long, value_name = "PLAN", hide = true)]
+    kernel_datapath_inner: Option<String>,
     /// Internal: the bare frontend's upstream
     #[arg(long, value_name = "ADDR", hide = true)]
     bare_upstream: Option<SocketAddr>,
@@ -145,6 +151,9 @@ fn main() -> ExitCode {
     if let Some(role) = args.bare_serve {
         return bare::serve(role, args.bare_upstream);
     }
+    if let Some(plan) = &args.kernel_datapath_inner {
+        return kernel::inner(plan);
+    }
     let opts = match Opts::from_args(args) {
         Ok(o) => o,
         Err(e) => {
@@ -194,6 +203,7 @@ struct Report {
     readiness: Vec<Samples>,
     exit: Vec<ExitCase>,
     service_proxy: ProxyResult,
+    kernel_datapath: KernelResult,
     targets: Vec<Target>,
     errors: Vec<String>,
 }
@@ -263,6 +273,16 @@ struct Ratio {
     median: f64,
     min: f64,
     max: f64,
+}
+
+/// The kernel node's datapath against going straight to the pod (wrk from the client namespace).
+#[derive(Debug, Default, Serialize)]
+struct KernelResult {
+    /// measured | skipped | error
+    status: &'static str,
+    reason: Option<String>,
+    rounds: Option<kernel::Rounds>,
+    ratios: Vec<Ratio>,
 }
 
 #[derive(Debug, Serialize)]
@@ -442,6 +462,50 @@ impl Bench {
             None => {
                 self.report.service_proxy.status = "error";
                 self.report.service_proxy.reason = Some("no load tool".into());
+            }
+        }
+        self.kernel_section();
+    }
+
+    /// Kernel datapath vs direct, where the kernel node can run; skipped (with the reason) elsewhere.
+    fn kernel_section(&mut self) {
+        let k = &mut self.report.kernel_datapath;
+        if let Err(e) = graceful::lab::kernel_node::private_world::check_host() {
+            k.status = "skipped";
+            k.reason = Some(format!("{e:#}"));
+            return;
+        }
+        let plan = kernel::Plan {
+            seconds: self.opts.seconds,
+            warmup_seconds: self.opts.warmup_seconds,
+            rounds: self.opts.rounds,
+            connections: self.opts.connections,
+            threads: self.opts.threads,
+        };
+        match self.step("kernel datapath vs direct", |_| kernel::measure(&plan)) {
+            Some(rounds) => {
+                let runs = |name: &str| {
+                    rounds.targets.iter().find(|(n, _, _)| n == name).map(|(_, _, r)| r.clone()).unwrap_or_default()
+                };
+                let (direct, cluster_ip, node_port) = (runs("direct"), runs("cluster_ip"), runs("node_port"));
+                let per_round = |a: &[wrk::Run], b: &[wrk::Run], f: fn(&wrk::Run) -> f64| -> Vec<f64> {
+                    a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect()
+                };
+                let k = &mut self.report.kernel_datapath;
+                k.status = "measured";
+                k.ratios = vec![
+                    ratio_of("ClusterIP / direct, req/s", per_round(&cluster_ip, &direct, |r| r.rps)),
+                    ratio_of("NodePort / direct, req/s", per_round(&node_port, &direct, |r| r.rps)),
+                    ratio_of("ClusterIP / direct, p50 latency", per_round(&cluster_ip, &direct, |r| r.p50_ms)),
+                    ratio_of("NodePort / direct, p99 latency", per_round(&node_port, &direct, |r| r.p99_ms)),
+                ];
+                k.rounds = Some(rounds);
+            }
+            None => {
+                let reason = self.report.errors.last().cloned();
+                let k = &mut self.report.kernel_datapath;
+                k.status = "error";
+                k.reason = reason;
             }
         }
     }
@@ -961,6 +1025,13 @@ impl Bench {
                 met: Some(worst < TARGET_READY_MS),
             }
         });
+        let kernel = r.kernel_datapath.ratios.iter().find(|x| x.name == "ClusterIP / direct, req/s");
+        t.push(ratio_target(
+            "kernel node datapath: ClusterIP vs direct to the pod, req/s",
+            format!("≈ 1.0× (≥ {TARGET_KERNEL_DATAPATH:.2}×)"),
+            kernel,
+            |m| m >= TARGET_KERNEL_DATAPATH,
+        ));
         self.report.targets = t;
     }
 
@@ -1083,6 +1154,27 @@ impl Bench {
             print_ratios(&p.ratios);
         } else {
             println!("{}: {}", p.status, p.reason.as_deref().unwrap_or("-"));
+        }
+        section("Kernel node datapath (kube-proxy's nftables rules, conntrack, bridge) vs direct to the pod");
+        let k = &r.kernel_datapath;
+        match &k.rounds {
+            Some(rounds) => {
+                let mut t = table(["target", "what", "req/s (median)", "p50 ms", "p99 ms", "errors"]);
+                for (name, what, runs) in &rounds.targets {
+                    let med = |f: fn(&wrk::Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+                    t.add_row([
+                        name.clone(),
+                        what.clone(),
+                        format!("{:.0}", med(|r| r.rps)),
+                        format!("{:.3}", med(|r| r.p50_ms)),
+                        format!("{:.3}", med(|r| r.p99_ms)),
+                        runs.iter().map(|r| r.errors).sum::<u64>().to_string(),
+                    ]);
+                }
+                println!("{t}");
+                print_ratios(&k.ratios);
+            }
+            None => println!("{}: {}", k.status, k.reason.as_deref().unwrap_or("-")),
         }
         section("Targets");
         let mut t = table(["what", "target", "figure", "met"]);

@@ -45,7 +45,7 @@ struct Raw {
 }
 
 /// One wrk run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub requests: u64,
     pub seconds: f64,
@@ -80,7 +80,19 @@ impl Wrk {
 
     /// Closed-loop load: `connections` connections kept busy for `seconds` seconds.
     pub fn run(&self, url: &str, threads: u32, connections: u32, seconds: u32) -> Result<Run> {
-        let mut child = Command::new(&self.exe)
+        self.run_with(Ok, url, threads, connections, seconds)
+    }
+
+    /// The same, with wrk's command adjusted first (started in a network namespace).
+    pub fn run_with(
+        &self,
+        adjust: impl FnOnce(Command) -> Result<Command>,
+        url: &str,
+        threads: u32,
+        connections: u32,
+        seconds: u32,
+    ) -> Result<Run> {
+        let mut child = adjust(Command::new(&self.exe))?
             .args(["-t", &threads.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s")])
             .args(["--timeout", "5s", "-s"])
             .arg(&self.script)

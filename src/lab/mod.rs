@@ -148,6 +148,13 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
     let _group = node::run_group::RunGroup::start(&exe)?;
     // The kernel node is built before the runtimes, whose threads are then born in it (and the
     // client's runtime in the client namespace).
+    // Spans forwarded to the user's endpoint leave from the host's network, not the node's.
+    let host_rt = match (&decided, &args.otlp_forward) {
+        (world::Decided::Kernel, Some(url)) if !args.no_tracing => Some(world::host_runtime().with_context(|| {
+            format!("--otlp-forward {url}: the kernel node cannot reach the host's network here (use --node process)")
+        })?),
+        _ => None,
+    };
     let kernel = match decided {
         world::Decided::Kernel => {
             let (node, isolation) = world::build_node()?;
@@ -181,7 +188,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
         // SIGTERM (a CI runner's cancel, `kill`) takes the same path as Ctrl-C.
         let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         tokio::select! {
-            r = run_all(&args, inputs, k6, &env) => r,
+            r = run_all(&args, inputs, k6, &env, host_rt.as_ref().map(|r| r.handle().clone())) => r,
             _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); every pod was killed"),
             _ = term.recv() => bail!("interrupted (SIGTERM); every pod was killed"),
         }
@@ -220,6 +227,7 @@ async fn run_all(
     inputs: Vec<Input>,
     k6: Option<(PathBuf, PathBuf)>,
     (env, isolation): &(scenario::NodeEnv, Option<kernel_node::private_world::Isolation>),
+    forward_from: Option<tokio::runtime::Handle>,
 ) -> Result<ExitCode> {
     let started = tokio::time::Instant::now();
     let plan = Plan::of(args, k6)?;
@@ -243,7 +251,7 @@ async fn run_all(
     } else {
         Some(OtlpReceiver::start(receiver_addr.parse().unwrap()).context("starting the OTLP receiver")?)
     };
-    let traces = report::trace_export::start(args, receiver.as_ref())?;
+    let traces = report::trace_export::start(args, receiver.as_ref(), forward_from.clone())?;
     let progress = report::progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     let node = match (env, isolation) {

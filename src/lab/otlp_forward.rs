@@ -173,8 +173,13 @@ pub struct Forwarder {
 impl Forwarder {
     /// Starts the sender on the current tokio runtime.
     pub fn start(target: ForwardTarget) -> Forwarder {
+        Forwarder::start_on(&tokio::runtime::Handle::current(), target)
+    }
+
+    /// Starts the sender on `rt` (the kernel node's lab sends from the host's network namespace).
+    pub fn start_on(rt: &tokio::runtime::Handle, target: ForwardTarget) -> Forwarder {
         let (tx, rx) = mpsc::channel(QUEUE_EXPORTS);
-        tokio::spawn(send_loop(target.clone(), rx));
+        rt.spawn(send_loop(target.clone(), rx));
         Forwarder { target, tx }
     }
 

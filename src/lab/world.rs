@@ -84,6 +84,17 @@ pub fn build_node() -> Result<(Arc<Mutex<Node>>, Isolation)> {
     Ok((Arc::new(Mutex::new(node)), isolation_inside()))
 }
 
+/// Inside the world: a runtime whose threads live in the host's network namespace (the one the
+/// lab was started in, which its parent, waiting outside, still holds), for what must reach the
+/// user's machine itself: forwarding spans to a local Jaeger. Root only: a user namespace
+/// cannot enter a network namespace its owner's namespace holds.
+pub fn host_runtime() -> Result<tokio::runtime::Runtime> {
+    let parent = nix::unistd::getppid();
+    let file = std::fs::File::open(format!("/proc/{parent}/ns/net"))
+        .with_context(|| format!("opening the network namespace of the lab outside (pid {parent})"))?;
+    crate::lab::kernel_node::netns::runtime_in(file, "host-net", 1)
+}
+
 /// Inside a world, root is root either way: the user-id map tells whether it is the host's.
 fn isolation_inside() -> Isolation {
     let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();

@@ -72,28 +72,7 @@ impl Netns {
     /// A tokio runtime whose threads all live in this namespace: sockets its tasks open belong
     /// to it (the load generator in the client namespace). Build it outside any runtime.
     pub fn runtime(&self, threads: usize) -> Result<tokio::runtime::Runtime> {
-        use std::os::unix::fs::MetadataExt;
-        let file = std::sync::Arc::new(self.open()?);
-        let inode = file.metadata()?.ino();
-        let entered = file.clone();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .max_blocking_threads(threads)
-            .enable_all()
-            .thread_name(format!("netns-{}", self.name))
-            .on_thread_start(move || {
-                // Checked below: a thread that could not enter is seen on the first task.
-                let _ = setns(&*entered, CloneFlags::CLONE_NEWNET);
-            })
-            .build()
-            .with_context(|| format!("starting a runtime in network namespace `{}`", self.name))?;
-        let seen = rt
-            .block_on(rt.spawn(async { std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()) }))
-            .map_err(|e| anyhow!("{e}"))??;
-        if seen != inode {
-            anyhow::bail!("the runtime's threads did not enter network namespace `{}`", self.name);
-        }
-        Ok(rt)
+        runtime_in(self.open()?, &format!("netns-{}", self.name), threads)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace: sockets it creates belong
@@ -116,4 +95,31 @@ impl Netns {
         self.run(move || std::fs::write(format!("/proc/sys/{key}"), value))?
             .with_context(|| format!("setting {key}={value} in network namespace `{ns}`"))
     }
+}
+
+/// A tokio runtime whose threads all enter the network namespace `file` refers to (checked).
+/// Build it outside any runtime.
+pub fn runtime_in(file: File, label: &str, threads: usize) -> Result<tokio::runtime::Runtime> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::sync::Arc::new(file);
+    let inode = file.metadata()?.ino();
+    let entered = file.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .max_blocking_threads(threads)
+        .enable_all()
+        .thread_name(label)
+        .on_thread_start(move || {
+            // Checked below: a thread that could not enter is seen on the first task.
+            let _ = setns(&*entered, CloneFlags::CLONE_NEWNET);
+        })
+        .build()
+        .with_context(|| format!("starting runtime {label}"))?;
+    let seen = rt
+        .block_on(rt.spawn(async { std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()) }))
+        .map_err(|e| anyhow!("{e}"))??;
+    if seen != inode {
+        anyhow::bail!("runtime {label}: its threads could not enter their network namespace");
+    }
+    Ok(rt)
 }

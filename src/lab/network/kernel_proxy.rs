@@ -198,3 +198,70 @@ fn services(ports: &[KernelPort], views: &[Slice]) -> Result<Vec<Service>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::api::cluster::Clock;
+    use crate::lab::network::ipam::{Mode, Net};
+
+    fn pod_at(name: &str, ip: &str, created_ms: u64) -> Pod {
+        let net = Net::new(Mode::PerIp).pod(&[]).unwrap();
+        Pod { ip: ip.parse().unwrap(), created: Duration::from_millis(created_ms), ..Pod::new(name, "web", "h", net) }
+    }
+
+    fn connection(cluster: &Cluster, opened_ms: u64, assured: bool, destroyed_after_ms: Option<u64>) -> Connection {
+        let unix = |ms: u64| {
+            // The clock's epoch in ns plus the offset: what conntrack would have stamped.
+            let start = (cluster.clock.unix_nanos_to_ms(0) * -1e6) as u128;
+            start + u128::from(ms) * 1_000_000
+        };
+        Connection {
+            client: "10.250.0.2:40000".parse().unwrap(),
+            service: "10.250.0.1:30080".parse().unwrap(),
+            pod: "10.244.0.7:8080".parse().unwrap(),
+            opened_unix_nanos: unix(opened_ms),
+            assured,
+            destroyed_unix_nanos: destroyed_after_ms.map(|d| unix(opened_ms + d)),
+            closing_unix_nanos: destroyed_after_ms.filter(|_| assured).map(|d| unix(opened_ms + d)),
+        }
+    }
+
+    #[test]
+    fn conntrack_connections_become_records_naming_the_pod_that_held_the_address() {
+        let cluster = Cluster::new(Clock::new());
+        // 10.244.0.7 was an old pod's, then (after its teardown) a new pod's.
+        let pods = [pod_at("web-old", "10.244.0.7", 0), pod_at("web-new", "10.244.0.7", 20_000)];
+        let served = record(&connection(&cluster, 5_000, true, Some(900)), &pods, &cluster);
+        assert_eq!((served.pod.as_deref(), served.outcome), (Some("web-old"), Outcome::Spliced));
+        assert!(matches!(served.end, Some((t, End::Closed)) if t.as_millis().abs_diff(5_900) <= 1), "{served:?}");
+        assert!(served.accepted.as_millis().abs_diff(5_000) <= 1, "{served:?}");
+        let refused = record(&connection(&cluster, 21_000, false, Some(0)), &pods, &cluster);
+        assert_eq!((refused.pod.as_deref(), refused.outcome), (Some("web-new"), Outcome::Refused));
+        let unanswered = record(&connection(&cluster, 21_000, false, None), &pods, &cluster);
+        assert_eq!(unanswered.outcome, Outcome::Blackholed);
+    }
+
+    #[test]
+    fn ports_of_one_service_share_its_cluster_ip_in_kube_proxys_model() {
+        let port = |service: &str, port: u16| KernelPort {
+            port: ServicePort {
+                service: service.into(),
+                port_label: Some(port.to_string()),
+                namespace: "default".into(),
+                selector: Default::default(),
+                port,
+                target: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(port)),
+                publish_not_ready: false,
+            },
+            cluster_ip: if service == "a" { Ipv4Addr::new(10, 96, 0, 10) } else { Ipv4Addr::new(10, 96, 0, 11) },
+            node_port: None,
+        };
+        let ports = [port("a", 80), port("a", 81), port("b", 80)];
+        let views: Vec<Slice> = vec![Default::default(); 3];
+        let services = services(&ports, &views).unwrap();
+        assert_eq!(services.len(), 2);
+        assert_eq!((services[0].name.as_str(), services[0].ports.len()), ("a", 2));
+        assert_eq!(services[1].cluster_ip, Ipv4Addr::new(10, 96, 0, 11));
+    }
+}

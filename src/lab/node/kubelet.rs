@@ -747,6 +747,53 @@ mod tests {
         }
     }
 
+    fn probe_every(period_ms: u64, initial_delay_ms: u64) -> ProbePlan {
+        ProbePlan {
+            handler: Handler::Sleep(Duration::ZERO),
+            initial_delay: Duration::from_millis(initial_delay_ms),
+            period: Duration::from_millis(period_ms),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 3,
+            grace: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_run_on_the_period_grid_once_the_initial_delay_has_passed() {
+        let p = probe_every(100, 250);
+        let started = tokio::time::Instant::now();
+        let kubelet_started = started.checked_sub(Duration::from_secs(60)).unwrap();
+        let mut clock = ProbeClock::new(&p, started, kubelet_started);
+        let mut at = Vec::new();
+        for _ in 0..3 {
+            clock.next().await;
+            at.push(started.elapsed().as_millis());
+        }
+        // Ticks at 0, 100, 200 fall inside the 250 ms delay; the kubelet probes at 300, 400, 500.
+        assert_eq!(at, [300, 400, 500]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kubelet_that_just_started_spreads_first_probes_over_one_period() {
+        let p = probe_every(1000, 0);
+        let now = tokio::time::Instant::now();
+        let mut firsts = Vec::new();
+        for _ in 0..20 {
+            let mut clock = ProbeClock::new(&p, now, now);
+            let t = tokio::time::Instant::now();
+            clock.next().await;
+            firsts.push(t.elapsed());
+        }
+        assert!(firsts.iter().all(|d| *d < Duration::from_secs(1)), "{firsts:?}");
+        assert!(firsts.iter().any(|d| *d != firsts[0]), "no jitter: {firsts:?}");
+        // Long after the kubelet's start, no jitter: the first probe runs at once.
+        let mut clock = ProbeClock::new(&p, now, now.checked_sub(Duration::from_secs(60)).unwrap());
+        let t = tokio::time::Instant::now();
+        clock.next().await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn deletion_runs_prestop_then_sigterm() {
         let dir = tempfile::tempdir().unwrap();

@@ -75,7 +75,13 @@ pub struct TraceExport {
 /// The lab's trace output from its flags: none without a receiver (`--no-tracing`; a forward
 /// endpoint then only gets a note), else the file per run and, with `--otlp-forward` or
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`, the forwarder (its URL checked first).
-pub fn start(args: &crate::lab::LabArgs, receiver: Option<&OtlpReceiver>) -> Result<Option<Arc<TraceExport>>> {
+/// The forwarder runs on `send_from` when given (a runtime in the host's network namespace),
+/// else on the current runtime.
+pub fn start(
+    args: &crate::lab::LabArgs,
+    receiver: Option<&OtlpReceiver>,
+    send_from: Option<tokio::runtime::Handle>,
+) -> Result<Option<Arc<TraceExport>>> {
     let target = match &args.otlp_forward {
         Some(url) => Some(ForwardTarget::parse(url, Protocol::chosen(args.otlp_forward_protocol)?)?),
         None => None,
@@ -86,13 +92,20 @@ pub fn start(args: &crate::lab::LabArgs, receiver: Option<&OtlpReceiver>) -> Res
         }
         return Ok(None);
     };
-    Ok(Some(TraceExport::attach(receiver, target)))
+    Ok(Some(TraceExport::attach(receiver, target, send_from)))
 }
 
 impl TraceExport {
-    /// Taps `receiver`; with a target, starts the forwarder on the current tokio runtime.
-    pub fn attach(receiver: &OtlpReceiver, forward: Option<ForwardTarget>) -> Arc<TraceExport> {
-        let export = Arc::new(TraceExport { forwarder: forward.map(Forwarder::start), open: Mutex::new(None) });
+    /// Taps `receiver`; with a target, starts the forwarder (on `send_from`, else the current
+    /// tokio runtime).
+    pub fn attach(
+        receiver: &OtlpReceiver,
+        forward: Option<ForwardTarget>,
+        send_from: Option<tokio::runtime::Handle>,
+    ) -> Arc<TraceExport> {
+        let rt = send_from.unwrap_or_else(tokio::runtime::Handle::current);
+        let forwarder = forward.map(|t| Forwarder::start_on(&rt, t));
+        let export = Arc::new(TraceExport { forwarder, open: Mutex::new(None) });
         receiver.set_tap(Some(export.clone()));
         export
     }
