@@ -386,3 +386,34 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
     assert!(stderr.contains("Deployment plain") && stderr.contains("securityContext.privileged"), "{stderr}");
     assert!(!out.join("plain").exists(), "a run started: {}", out.display());
 }
+
+/// SIGTERM while containers run (and others are being created): exit 2, and no container, bundle
+/// or mount of the run is left.
+#[test]
+fn an_interrupted_lab_leaves_no_container_behind() {
+    let archive = graceful_archive();
+    if let Some(why) = skip_reason(Some(&archive), None) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let _one = one_lab();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let child = graceful()
+        .args(["lab", "--node", "kernel", "--runtime", "oci", "--overlay", "solution", "--profile", "short", "-q"])
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    let bundles = out.join("oci/containers");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&bundles).map(|d| d.count()).unwrap_or(0) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no containers started within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("interrupted (SIGTERM)"), "{stderr}");
+    assert_runtime_cleaned(&out);
+}
