@@ -148,6 +148,28 @@ impl ProcWatch {
     }
 }
 
+/// No cgroup of these containers is left (the runtime names them `graceful-<lab>-<id>`), in
+/// any hierarchy.
+fn assert_no_cgroups(ids: &[String]) {
+    let roots = std::iter::once(PathBuf::from("/sys/fs/cgroup"))
+        .chain(std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten().map(|e| e.path()));
+    for root in roots {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with("graceful-") && ids.iter().any(|id| name.ends_with(&format!("-{id}")));
+            assert!(!(ours && e.path().is_dir()), "cgroup left: {}", e.path().display());
+        }
+    }
+}
+
+/// The container ids the `container_started` events name.
+fn container_ids(run: &serde_json::Value) -> Vec<String> {
+    let started = run["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "container_started");
+    started
+        .filter_map(|e| e["detail"].as_str()?.split(", container ").nth(1)?.split(' ').next().map(str::to_string))
+        .collect()
+}
+
 /// Nothing of the runtime is left in the run dir: no bundle (so no overlay mount), no runc state.
 fn assert_runtime_cleaned(out: &Path) {
     let bundles: Vec<_> = std::fs::read_dir(out.join("oci/containers")).unwrap().flatten().collect();
@@ -214,6 +236,9 @@ fn graceful_image_problem_fails_solution_clean_as_containers() {
     assert_eq!(finished, 6, "preStop hooks that finished inside the containers");
     assert!(ours >= 4, "the test saw only {ours} of the lab's containers in /proc (found {found:?})");
     assert_runtime_cleaned(&out);
+    let ids: Vec<String> = [problem, solution].into_iter().flat_map(container_ids).collect();
+    assert_eq!(ids.len(), 24, "{ids:?}");
+    assert_no_cgroups(&ids);
     assert_eq!(HostSnapshot::take(), before, "the host's network namespace changed");
 }
 
@@ -407,13 +432,17 @@ fn an_interrupted_lab_leaves_no_container_behind() {
         .unwrap();
     let bundles = out.join("oci/containers");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&bundles).map(|d| d.count()).unwrap_or(0) < 3 {
+    let mut ids = std::collections::BTreeSet::new();
+    while ids.len() < 3 {
         assert!(std::time::Instant::now() < deadline, "no containers started within 60 s");
         std::thread::sleep(Duration::from_millis(50));
+        let names = std::fs::read_dir(&bundles).into_iter().flatten().flatten();
+        ids.extend(names.map(|e| e.file_name().to_string_lossy().into_owned()));
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("interrupted (SIGTERM)"), "{stderr}");
     assert_runtime_cleaned(&out);
+    assert_no_cgroups(&ids.into_iter().collect::<Vec<_>>());
 }

@@ -78,7 +78,7 @@ impl Runtime {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let cgroup_prefix = format!("graceful-{}-{nanos:x}", std::process::id());
-        let guard = Some(Guard::start(&root)?);
+        let guard = Some(Guard::start(&root, &cgroup_prefix)?);
         Ok(Runtime { root, bundles, cgroup_prefix, guard })
     }
 
@@ -119,7 +119,11 @@ impl Runtime {
             .arg(id)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out);
+            .stderr(out)
+            // A `run` cut short (the lab interrupted) must not leave runc creating a container
+            // after the runtime's guard has swept; once the container runs, killing `runc run`
+            // leaves it to `Container` and the guard.
+            .kill_on_drop(true);
         // runc joins the run's process group; the container's init starts a session of its own,
         // which the runtime's guard (guard.rs) covers.
         run_group::join(&mut cmd);
