@@ -14,10 +14,11 @@ use anyhow::{Context, Result};
 
 /// `$1`: runc's root, `$2`: the runtime's cgroup name prefix. `cat` returns at end-of-file;
 /// nothing is ever written to the pipe. A cgroup whose last process is still exiting refuses
-/// runc's removal (EBUSY): the empty ones left are removed after a moment, a few times.
+/// runc's removal (EBUSY), and a `runc run` killed mid-start leaves its cgroups to no one: the
+/// empty ones are removed, retried every 0.1 s for up to 3 s while any is still busy.
 const SCRIPT: &str = r#"cat >/dev/null
 for id in $(runc --root "$1" list --quiet); do runc --root "$1" delete --force "$id"; done
-for try in 1 2 3 4 5; do
+for try in $(seq 30); do
   left=0
   for d in /sys/fs/cgroup/"$2"-* /sys/fs/cgroup/*/"$2"-*; do
     [ -d "$d" ] || continue
