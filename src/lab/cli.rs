@@ -26,6 +26,17 @@ pub enum NodeKind {
     Process,
 }
 
+/// What runs a pod's container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A child process of this binary (the image's binary is this binary).
+    Process,
+    /// A container of the image the manifest names, under runc, in the pod's network namespace
+    /// (kernel node only; images from --image).
+    Oci,
+}
+
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 By default both embedded overlays run, problem then solution, and the comparison is printed.
@@ -39,7 +50,9 @@ Examples:
   kubectl kustomize deploy/kustomize/overlays/solution | graceful lab -f -
   graceful lab --overlay solution --rollouts 10 --expect-clean solution
   graceful lab --sweep-lag 0,1,2,5,10 --profile short
-  graceful lab --node kernel --dead-pod blackhole")]
+  graceful lab --node kernel --dead-pod blackhole
+  graceful lab --node kernel --runtime oci --expect --profile short
+  graceful lab -f rendered.yaml --runtime oci --image shop:1.2=oci-archive:shop.tar --entry shop --path /healthz")]
 pub struct LabArgs {
     /// A rendered overlay (`kubectl kustomize DIR`); `-` reads stdin. Repeatable: one run each.
     #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -123,6 +136,15 @@ pub struct LabArgs {
     /// Which node runs the pods (the report says which ran).
     #[arg(long, value_enum, default_value_t = NodeKind::Auto)]
     pub node: NodeKind,
+    /// What runs the pods' containers: `process` (this binary as a child process) or `oci`
+    /// (containers of the manifests' images under runc; needs --node kernel, root, runc, umoci).
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
+    pub runtime: RuntimeKind,
+    /// With --runtime oci: the local OCI image a manifest's image name stands for
+    /// (`NAME=oci-archive:PATH[:TAG]` or `NAME=oci:DIR[:TAG]`); repeatable. graceful:latest
+    /// defaults to target/image/graceful.oci.tar beside this binary, when present.
+    #[arg(long = "image", value_name = "NAME=SOURCE")]
+    pub images: Vec<crate::lab::node::oci::ImageRef>,
     /// On the kernel node, what a torn-down pod's address does to new connections: `unreachable`
     /// (the node forgets its neighbour entry: EHOSTUNREACH after ~3 s, as CNIs that delete the
     /// route and neighbour do) or `blackhole` (the cached neighbour entry stays: SYNs vanish).
@@ -192,6 +214,14 @@ impl LabArgs {
         }
         if Duration::from(self.pod_start) > Duration::from_secs(60) {
             bail!("--pod-start {}: at most 60s", self.pod_start);
+        }
+        if self.runtime == RuntimeKind::Oci && self.node == NodeKind::Process {
+            bail!("--runtime oci: needs the kernel node (--node kernel), not --node process");
+        }
+        if self.runtime == RuntimeKind::Process {
+            if let Some(i) = self.images.first() {
+                bail!("--image {i}: images are only run with --runtime oci");
+            }
         }
         if !self.path.starts_with('/') {
             bail!("--path {}: must start with `/`", self.path);

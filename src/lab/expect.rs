@@ -124,6 +124,7 @@ mod tests {
         RunResult {
             name: name.into(),
             node: "process".into(),
+            runtime: crate::lab::cli::RuntimeKind::Process,
             datapath: None,
             endpoint_lag_ms: 2000.0,
             rate: 200.0,

@@ -52,7 +52,10 @@ struct Input {
 }
 
 fn load_inputs(args: &LabArgs) -> Result<Vec<Input>> {
-    let admission = api::manifest::Admission { allow_host_exec: args.allow_host_exec };
+    let admission = api::manifest::Admission {
+        allow_host_exec: args.allow_host_exec,
+        in_containers: args.runtime == cli::RuntimeKind::Oci,
+    };
     let mut out = Vec::new();
     let embedded = embedded_overlays();
     let wanted: Vec<String> = if args.overlay.is_empty() && args.files.is_empty() {
@@ -123,6 +126,9 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
     if matches!(decided, world::Decided::EnterWorld) {
         return world::run_in_world();
     }
+    if args.runtime == cli::RuntimeKind::Oci && matches!(decided, world::Decided::Process) {
+        bail!("--runtime oci: needs the kernel node, which this machine does not offer (see above); use --runtime process");
+    }
     let inputs = load_inputs(&args)?;
     check_names(&args, &inputs)?;
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
@@ -165,6 +171,7 @@ pub fn run(args: LabArgs, config: Option<ConfigFile>) -> Result<ExitCode> {
                 client: client_rt.handle().clone(),
                 client_netns: client_netns.clone(),
                 dead_pod: args.dead_pod,
+                oci: None,
             };
             (scenario::NodeEnv::Kernel(env), Some(*isolation))
         }
@@ -225,6 +232,14 @@ async fn run_all(
     let started = tokio::time::Instant::now();
     let plan = Plan::of(args, k6)?;
     let Plan { rate, ref lags, ref out, ref k6, .. } = plan;
+    let env = &match (env, args.runtime) {
+        (scenario::NodeEnv::Kernel(k), cli::RuntimeKind::Oci) => {
+            let manifests: Vec<&Manifest> = inputs.iter().map(|i| &i.manifest).collect();
+            let oci = node::runtime::OciNode::start(args.images.clone(), &plan.exe, out, &manifests).await?;
+            scenario::NodeEnv::Kernel(scenario::KernelEnv { oci: Some(Arc::new(oci)), ..k.clone() })
+        }
+        _ => env.clone(),
+    };
     let (net, receiver_addr) = match env {
         scenario::NodeEnv::Process => (network::ipam::Net::detect(), "127.0.0.1:0"),
         // Inside the node's namespace: the pods reach it on the bridge's address.
@@ -240,15 +255,18 @@ async fn run_all(
     let progress = report::progress::Progress::new(args.quiet);
     let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
     let node = match (env, isolation) {
-        (scenario::NodeEnv::Kernel(k), Some(i)) => format!(
-            "kernel node (namespaces, nftables, conntrack; {}; dead pods {:?})",
-            match i {
-                kernel_node::private_world::Isolation::Root => "as root",
-                kernel_node::private_world::Isolation::UserNamespace => "rootless, in a user namespace",
-            },
-            k.dead_pod
-        )
-        .to_lowercase(),
+        (scenario::NodeEnv::Kernel(k), Some(i)) => {
+            format!(
+                "kernel node (namespaces, nftables, conntrack; {}; dead pods {:?})",
+                match i {
+                    kernel_node::private_world::Isolation::Root => "as root",
+                    kernel_node::private_world::Isolation::UserNamespace => "rootless, in a user namespace",
+                },
+                k.dead_pod
+            )
+            .to_lowercase()
+                + &k.oci.as_ref().map(|o| format!("; {}", o.describe())).unwrap_or_default()
+        }
         _ => "process node".to_string(),
     };
     progress.println(&format!(

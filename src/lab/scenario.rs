@@ -12,6 +12,7 @@ use futures_util::future::join_all;
 use crate::lab::api::cluster::{ms, Clock, Cluster};
 use crate::lab::api::endpoint_slice::ServicePort;
 use crate::lab::api::manifest::Manifest;
+use crate::lab::cli::RuntimeKind;
 use crate::lab::control_plane::deployment::DeploymentCtl;
 use crate::lab::control_plane::endpointslice;
 use crate::lab::control_plane::replicaset::PodFactory;
@@ -24,6 +25,7 @@ use crate::lab::network::ipam::Net;
 use crate::lab::network::kernel_proxy::{KernelPort, KernelProxy};
 use crate::lab::network::service_proxy::{ConnRecord, ProxyLog, ServiceProxy};
 use crate::lab::node::kubelet::{Kubelet, NodeConfig, Sandboxes};
+use crate::lab::node::runtime::{ContainerRuntime, OciNode};
 use crate::lab::report::attribution::{self, Inputs, ProxyRecords};
 use crate::lab::report::progress::Progress;
 use crate::lab::report::result::{self, RolloutWindow, RunResult};
@@ -108,6 +110,8 @@ pub struct KernelEnv {
     pub client: tokio::runtime::Handle,
     pub client_netns: Netns,
     pub dead_pod: DeadPod,
+    /// `--runtime oci`: the pods are containers of their images.
+    pub oci: Option<Arc<OciNode>>,
 }
 
 impl NodeEnv {
@@ -115,6 +119,14 @@ impl NodeEnv {
         match self {
             NodeEnv::Process => "process",
             NodeEnv::Kernel(_) => "kernel",
+        }
+    }
+
+    /// What runs the pods' containers on this node.
+    pub fn runtime(&self) -> ContainerRuntime {
+        match self {
+            NodeEnv::Kernel(KernelEnv { oci: Some(oci), .. }) => ContainerRuntime::Oci(oci.clone()),
+            _ => ContainerRuntime::Process,
         }
     }
 }
@@ -213,6 +225,7 @@ pub async fn run(
             NodeEnv::Kernel(k) => Some(Sandboxes { node: k.node.clone(), dead_pod: k.dead_pod }),
         },
         started: tokio::time::Instant::now(),
+        runtime: env.runtime(),
     };
     let factory = PodFactory { cluster: cluster.clone(), net, pods_dir: cfg.run_dir.join("pods") };
     let kubelet = Kubelet::start(cluster.clone(), node);
@@ -387,6 +400,7 @@ fn report(
     let mut result = RunResult {
         name: cfg.name.clone(),
         node: env.describe().to_string(),
+        runtime: if env.runtime().is_oci() { RuntimeKind::Oci } else { RuntimeKind::Process },
         datapath,
         endpoint_lag_ms: ms(cfg.lag),
         rate: cfg.rate,

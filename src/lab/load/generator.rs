@@ -50,7 +50,7 @@ pub enum Outcome {
     Timeout,
     /// An HTTP error status (5xx, or 4xx).
     Http(u16),
-    /// A response arrived, but short, malformed, or not `"status":"ok"`.
+    /// A response arrived, but short, malformed, or this project's JSON not saying `"status":"ok"`.
     BadBody,
     /// The generator itself had too many requests in flight (counted, never hidden).
     Overload,
@@ -294,9 +294,16 @@ fn classify_response(rec: &mut RequestRecord, resp: &http_client::Response) -> O
     if resp.status >= 400 {
         return Outcome::Http(resp.status);
     }
-    match json {
-        Some(j) if j.get("status").and_then(|s| s.as_str()) == Some("ok") => Outcome::Ok,
-        _ => Outcome::BadBody,
+    answered_ok(json.as_ref())
+}
+
+/// A 2xx/3xx answer is a success, unless it is this project's JSON (it has a `status`) saying
+/// something other than `ok`. Any other service's body (`--runtime oci` runs any image) counts
+/// as its own success, as a load balancer's health check would.
+fn answered_ok(json: Option<&serde_json::Value>) -> Outcome {
+    match json.and_then(|j| j.get("status")) {
+        Some(s) if s.as_str() != Some("ok") => Outcome::BadBody,
+        _ => Outcome::Ok,
     }
 }
 
@@ -337,6 +344,14 @@ fn classify_error(rec: &RequestRecord, e: &HttpError, proxy: Option<&ProxyLog>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_services_answer_is_ok_but_ours_must_say_ok() {
+        assert_eq!(answered_ok(None), Outcome::Ok);
+        assert_eq!(answered_ok(Some(&serde_json::json!({"hello": 1}))), Outcome::Ok);
+        assert_eq!(answered_ok(Some(&serde_json::json!({"status": "ok"}))), Outcome::Ok);
+        assert_eq!(answered_ok(Some(&serde_json::json!({"status": "degraded"}))), Outcome::BadBody);
+    }
 
     #[tokio::test]
     async fn keeps_the_rate_and_reads_the_json() {

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::ConfigMap;
-use tokio::process::Child;
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
@@ -21,7 +20,7 @@ use crate::lab::kernel_node::node::{DeadPod, Node, Sandbox, SandboxId};
 use crate::lab::network::dns::ServiceDns;
 use crate::lab::node::pod_spec::{self, ContainerPlan, PodContext, ProbePlan};
 use crate::lab::node::prober::{self, Thresholds};
-use crate::lab::node::runtime::{describe_exit, send_signal, spawn};
+use crate::lab::node::runtime::{ContainerRuntime, ExecIn, Running};
 
 /// The kubelet's extension when preStop used up the grace period.
 const PRESTOP_OVERRUN_EXTENSION: Duration = Duration::from_secs(2);
@@ -51,6 +50,8 @@ pub struct NodeConfig {
     /// When this kubelet started: probe workers of pods found within one period of it start
     /// after a random part of the period, as the kubelet's do after a restart.
     pub started: tokio::time::Instant,
+    /// What runs the containers.
+    pub runtime: ContainerRuntime,
 }
 
 /// The kernel node's pod network, as the kubelet drives it through CNI ADD and DEL.
@@ -102,6 +103,7 @@ impl NodeConfig {
             config_maps: &self.config_maps,
             services: &self.services,
             otlp_endpoint: self.otlp_endpoint.as_deref(),
+            in_container: self.runtime.is_oci(),
         };
         pod_spec::plan(&pod.spec, &ctx)
     }
@@ -138,6 +140,7 @@ async fn sync_pods(cluster: Arc<Cluster>, node: NodeConfig) {
                         pod_start: node.pod_start,
                         sandboxes: node.sandboxes.clone(),
                         kubelet_started: node.started,
+                        runtime: node.runtime.clone(),
                     };
                     workers.spawn(worker(cluster.clone(), pod.name, plan, log, pod_node));
                 }
@@ -198,6 +201,7 @@ fn start_probes(
     name: &str,
     plan: &Arc<ContainerPlan>,
     log: &std::path::Path,
+    exec_in: ExecIn,
     kubelet_started: tokio::time::Instant,
 ) -> Probes {
     let container_started = tokio::time::Instant::now();
@@ -207,7 +211,7 @@ fn start_probes(
     let mut readiness = JoinSet::new();
     let (name, log) = (name.to_string(), log.to_path_buf());
     if let Some(p) = plan.startup.clone() {
-        let (c, n, pl, l) = (cluster.clone(), name.clone(), plan.clone(), log.clone());
+        let (c, n, pl, l) = (cluster.clone(), name.clone(), plan.clone(), (log.clone(), exec_in.clone()));
         readiness.spawn(startup_probe(c, n, clock(&p), p, pl, l, started_tx, kill_tx.clone()));
     }
     if let Some(p) = plan.readiness.clone() {
@@ -217,7 +221,7 @@ fn start_probes(
             clock(&p),
             p,
             plan.clone(),
-            log.clone(),
+            (log.clone(), exec_in.clone()),
             started_rx.clone(),
         ));
     } else {
@@ -226,7 +230,8 @@ fn start_probes(
     }
     let liveness = plan.liveness.clone().map(|p| {
         let c = clock(&p);
-        AbortOnDropHandle::new(tokio::spawn(liveness_probe(c, p, plan.clone(), log, started_rx, kill_tx)))
+        let at = (log, exec_in);
+        AbortOnDropHandle::new(tokio::spawn(liveness_probe(c, p, plan.clone(), at, started_rx, kill_tx)))
     });
     Probes { _readiness: readiness, liveness, kills }
 }
@@ -246,11 +251,13 @@ struct PodNode {
     pod_start: Duration,
     sandboxes: Option<Sandboxes>,
     kubelet_started: tokio::time::Instant,
+    runtime: ContainerRuntime,
 }
 
 async fn worker(cluster: Arc<Cluster>, name: String, mut plan: ContainerPlan, log: PathBuf, node: PodNode) {
     let mut deleted = Deletion::new(cluster.clone(), name.clone());
     // The sandbox comes first (CNI ADD): the container joins its network namespace.
+    let template = cluster.pod(&name).map(|p| p.spec.clone()).unwrap_or_default();
     let sandbox = match (&node.sandboxes, cluster.pod(&name)) {
         (Some(sandboxes), Some(pod)) => match sandboxes.add(&name, pod.ip).await {
             Ok(sb) => {
@@ -272,7 +279,8 @@ async fn worker(cluster: Arc<Cluster>, name: String, mut plan: ContainerPlan, lo
         _ = deleted.wait() => true,
     };
     if !deleted_while_starting {
-        run_containers(&cluster, &name, &plan, &log, &mut deleted, node.kubelet_started).await;
+        let pod = PodRun { cluster: &cluster, name: &name, template: &template, plan: &plan, log: &log };
+        run_containers(pod, &node.runtime, &mut deleted, node.kubelet_started).await;
     }
     // The sandbox (and the pod's address) goes away a moment after the last container.
     let gone_at = cluster.clock.now() + node.sandbox_teardown;
@@ -294,25 +302,33 @@ async fn worker(cluster: Arc<Cluster>, name: String, mut plan: ContainerPlan, lo
     }
 }
 
+/// One pod as its worker runs it.
+struct PodRun<'a> {
+    cluster: &'a Arc<Cluster>,
+    name: &'a str,
+    template: &'a PodTemplateSpec,
+    plan: &'a Arc<ContainerPlan>,
+    log: &'a std::path::Path,
+}
+
 /// The container's runs, restarts included, until the pod is deleted (or the worker aborted).
 async fn run_containers(
-    cluster: &Arc<Cluster>,
-    name: &str,
-    plan: &Arc<ContainerPlan>,
-    log: &std::path::Path,
+    pod: PodRun<'_>,
+    runtime: &ContainerRuntime,
     deleted: &mut Deletion,
     kubelet_started: tokio::time::Instant,
 ) {
-    let (cluster, name, plan, log) = (cluster.clone(), name.to_string(), plan.clone(), log.to_path_buf());
+    let (cluster, name, plan, log) =
+        (pod.cluster.clone(), pod.name.to_string(), pod.plan.clone(), pod.log.to_path_buf());
     let mut restarts: u32 = 0;
     loop {
         if deleted.requested() {
             break;
         }
-        let mut child = match spawn(&plan, &log) {
+        let mut child = match runtime.start(&name, pod.template, &plan, &log).await {
             Ok(c) => c,
             Err(e) => {
-                cluster.event(&name, EventKind::Exited, format!("failed to start: {e}"));
+                cluster.event(&name, EventKind::Exited, format!("failed to start: {e:#}"));
                 if backoff(deleted, restarts).await {
                     break;
                 }
@@ -327,12 +343,12 @@ async fn run_containers(
             p.ready_since = None;
             p.restarts = restarts;
         });
-        cluster.event(&name, EventKind::ContainerStarted, format!("pid {}", child.id().unwrap_or(0)));
+        cluster.event(&name, EventKind::ContainerStarted, child.describe());
 
-        let mut probes = start_probes(&cluster, &name, &plan, &log, kubelet_started);
+        let mut probes = start_probes(&cluster, &name, &plan, &log, child.exec_in(&plan), kubelet_started);
 
         let ended = tokio::select! {
-            s = child.wait() => Ended::Exited(s.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())),
+            how = child.wait() => Ended::Exited(how),
             _ = deleted.wait() => Ended::Deleted,
             Some((grace, why)) = probes.kills.recv() => Ended::ProbeKill(grace, why),
         };
@@ -343,17 +359,20 @@ async fn run_containers(
                 let at = cluster.pod(&name).and_then(|p| p.deleted).unwrap_or_else(|| cluster.clock.now());
                 terminate(&cluster, &name, &plan, &log, &mut child, at, plan.grace).await;
                 stop_probes(&cluster, &name, probes);
+                child.remove().await;
                 break;
             }
             Ended::ProbeKill(grace, why) => {
                 cluster.event(&name, EventKind::ProbeFailed, format!("{why}; container will be restarted"));
                 terminate(&cluster, &name, &plan, &log, &mut child, cluster.clock.now(), grace).await;
                 stop_probes(&cluster, &name, probes);
+                child.remove().await;
             }
             Ended::Exited(how) => {
                 cluster.update_pod(&name, |p| p.exited = Some(cluster.clock.now()));
                 cluster.event(&name, EventKind::Exited, how);
                 stop_probes(&cluster, &name, probes);
+                child.remove().await;
                 if deleted.requested() {
                     break;
                 }
@@ -402,16 +421,17 @@ async fn terminate(
     name: &str,
     plan: &ContainerPlan,
     log: &std::path::Path,
-    child: &mut Child,
+    child: &mut Running,
     since: Duration,
     grace: Duration,
 ) {
+    let exec_in = child.exec_in(plan);
     let mut deadline = cluster.clock.instant(since + grace);
     if let Some(hook) = &plan.pre_stop {
         cluster.event(name, EventKind::PreStopStarted, "");
         let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
-            r = prober::run(hook, budget, &plan.env, log, plan.netns.as_ref()) => match r {
+            r = prober::run(hook, budget, &plan.env, log, &exec_in) => match r {
                 Ok(()) => cluster.event(name, EventKind::PreStopFinished, ""),
                 Err(e) => {
                     let overran = tokio::time::Instant::now() >= deadline;
@@ -421,27 +441,26 @@ async fn terminate(
                     }
                 }
             },
-            s = child.wait() => {
+            how = child.wait() => {
                 // The container stopped by itself during preStop: nothing left to signal.
-                let how = s.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
                 cluster.update_pod(name, |p| p.exited = Some(cluster.clock.now()));
                 cluster.event(name, EventKind::Exited, format!("{how} (during preStop)"));
                 return;
             }
         }
     }
-    send_signal(child, plan.stop_signal);
+    let stop_signal = child.stop_signal(plan);
+    child.signal(stop_signal).await;
     cluster.update_pod(name, |p| p.sigterm = Some(cluster.clock.now()));
-    cluster.event(name, EventKind::Sigterm, plan.stop_signal.as_str());
-    let status = tokio::select! {
-        s = child.wait() => s,
+    cluster.event(name, EventKind::Sigterm, stop_signal.as_str());
+    let how = tokio::select! {
+        how = child.wait() => how,
         _ = tokio::time::sleep_until(deadline) => {
             cluster.event(name, EventKind::Sigkill, "grace period over");
-            let _ = child.start_kill();
+            child.kill().await;
             child.wait().await
         }
     };
-    let how = status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
     cluster.update_pod(name, |p| {
         p.exited = Some(cluster.clock.now());
         p.running = false;
@@ -495,14 +514,14 @@ async fn startup_probe(
     mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
-    log: PathBuf,
+    (log, exec_in): (PathBuf, ExecIn),
     started: watch::Sender<bool>,
     kill: mpsc::UnboundedSender<(Duration, String)>,
 ) {
     let mut t = Thresholds::new(1, p.failure_threshold, false);
     loop {
         clock.next().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, &exec_in).await;
         t.record(r.is_ok());
         if t.result() {
             cluster.update_pod(&name, |pod| pod.started = true);
@@ -523,7 +542,7 @@ async fn readiness_probe(
     mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
-    log: PathBuf,
+    (log, exec_in): (PathBuf, ExecIn),
     mut started: watch::Receiver<bool>,
 ) {
     if started.wait_for(|s| *s).await.is_err() {
@@ -532,7 +551,7 @@ async fn readiness_probe(
     let mut t = Thresholds::new(p.success_threshold, p.failure_threshold, false);
     loop {
         clock.next().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, &exec_in).await;
         if let Some(ready) = t.record(r.is_ok()) {
             let now = cluster.clock.now();
             cluster.update_pod(&name, |pod| {
@@ -560,7 +579,7 @@ async fn liveness_probe(
     mut clock: ProbeClock,
     p: ProbePlan,
     plan: Arc<ContainerPlan>,
-    log: PathBuf,
+    (log, exec_in): (PathBuf, ExecIn),
     mut started: watch::Receiver<bool>,
     kill: mpsc::UnboundedSender<(Duration, String)>,
 ) {
@@ -570,7 +589,7 @@ async fn liveness_probe(
     let mut t = Thresholds::new(p.success_threshold, p.failure_threshold, true);
     loop {
         clock.next().await;
-        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, plan.netns.as_ref()).await;
+        let r = prober::run(&p.handler, p.timeout, &plan.env, &log, &exec_in).await;
         if t.record(r.is_ok()) == Some(false) {
             let why = format!("liveness probe failed: {}", r.err().unwrap_or_default());
             let _ = kill.send((p.grace.unwrap_or(plan.grace), why));
@@ -603,6 +622,8 @@ mod tests {
             named_ports: Default::default(),
             container_ports: vec![],
             netns: None,
+            image: None,
+            mounts: vec![],
         }
     }
 
@@ -641,6 +662,7 @@ mod tests {
             pod_start: Duration::ZERO,
             sandboxes: None,
             started: tokio::time::Instant::now(),
+            runtime: ContainerRuntime::Process,
         }
     }
 
@@ -712,6 +734,7 @@ mod tests {
             pod_start: Duration::ZERO,
             sandboxes: None,
             kubelet_started: tokio::time::Instant::now(),
+            runtime: ContainerRuntime::Process,
         };
         AbortOnDropHandle::new(tokio::spawn(worker(cluster.clone(), "p".into(), plan, log, node)))
     }

@@ -3,6 +3,8 @@
 //! with the substitutions a single machine needs:
 //! - the image's binary is this very binary, and mount paths point into the run directory;
 //! - Service names resolve to the Services' addresses (there is no cluster DNS);
+//! - with `--runtime oci` none of the first two: the container runs the image the manifest
+//!   names, with the volumes bind-mounted at their mountPaths, so paths stay as written;
 //! - on the process node only, where pods share the host's network: "0.0.0.0 inside the pod" is
 //!   the pod's own loopback address, and "127.0.0.1 inside the pod" (as hooks use it) is that
 //!   address too. On the kernel node each pod has its own network namespace: nothing to rewrite.
@@ -26,6 +28,7 @@ use crate::lab::api::manifest::is_graceful_binary;
 use crate::lab::kernel_node::netns::Netns;
 use crate::lab::network::dns::ServiceDns;
 use crate::lab::network::ipam::PodNet;
+use crate::lab::node::oci::BindMount;
 
 /// What a probe or hook does, resolved to this machine's addresses.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +70,10 @@ pub struct ContainerPlan {
     /// The pod sandbox's network namespace (kernel node), set by the kubelet once it exists:
     /// the container and its exec hooks and probes run inside it.
     pub netns: Option<Netns>,
+    /// The image the manifest names (what `--runtime oci` runs).
+    pub image: Option<String>,
+    /// The pod's volumes and /etc/hosts as the container sees them (`--runtime oci`).
+    pub mounts: Vec<BindMount>,
 }
 
 /// The identity and surroundings of one pod.
@@ -85,6 +92,8 @@ pub struct PodContext<'a> {
     pub services: &'a [ServiceDns],
     /// OTLP/HTTP base URL of the lab's receiver.
     pub otlp_endpoint: Option<&'a str>,
+    /// The container runs its image (`--runtime oci`): commands and paths are the manifest's own.
+    pub in_container: bool,
 }
 
 /// Each role's listener config keys and the container ports they default to.
@@ -103,7 +112,12 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
     let container_ports: Vec<u16> =
         c.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
 
-    let mounts = write_volumes(spec, c, ctx)?;
+    let (host_mounts, mut binds) = write_volumes(spec, c, ctx)?;
+    // Inside a container the manifest's paths are real: nothing to remap.
+    let mounts = if ctx.in_container { Mounts::new() } else { host_mounts };
+    if ctx.in_container {
+        binds.push(hosts_file(ctx)?);
+    }
     let env = environment(spec, c, ctx, &mounts)?;
     let vars: BTreeMap<&str, &str> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
@@ -144,6 +158,8 @@ pub fn plan(template: &PodTemplateSpec, ctx: &PodContext) -> Result<ContainerPla
         named_ports,
         container_ports,
         netns: None,
+        image: c.image.clone(),
+        mounts: binds,
     })
 }
 
@@ -156,11 +172,29 @@ fn program_for(first: Option<&String>, exe: &Path) -> PathBuf {
     }
 }
 
+/// The kubelet-managed /etc/hosts: localhost and the pod's own name at its address.
+fn hosts_file(ctx: &PodContext) -> Result<BindMount> {
+    let path = ctx.dir.join("etc-hosts");
+    let text = format!(
+        "# Kubernetes-managed hosts file (graceful lab).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
+        ctx.net.ip, ctx.name
+    );
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(BindMount { source: path, destination: "/etc/hosts".into(), read_only: true })
+}
+
 /// mountPath → directory (or file, with subPath) under the pod's run directory, longest first.
 type Mounts = Vec<(String, PathBuf)>;
 
-fn write_volumes(spec: &k8s_openapi::api::core::v1::PodSpec, c: &Container, ctx: &PodContext) -> Result<Mounts> {
-    let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+/// Writes the pod's volumes under its run directory; returns them by mountPath (for remapping
+/// on the process runtime) and as the container's bind mounts (ConfigMaps read-only, as the
+/// kubelet mounts them).
+fn write_volumes(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    c: &Container,
+    ctx: &PodContext,
+) -> Result<(Mounts, Vec<BindMount>)> {
+    let mut dirs: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
     for v in spec.volumes.iter().flatten() {
         let dir = ctx.dir.join("volumes").join(&v.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -190,19 +224,23 @@ fn write_volumes(spec: &k8s_openapi::api::core::v1::PodSpec, c: &Container, ctx:
                 std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
             }
         }
-        dirs.insert(v.name.clone(), dir);
+        dirs.insert(v.name.clone(), (dir, v.config_map.is_some()));
     }
     let mut mounts: Mounts = Vec::new();
+    let mut binds = Vec::new();
     for vm in c.volume_mounts.iter().flatten() {
-        let dir = dirs.get(&vm.name).with_context(|| format!("volumeMount {} names no volume", vm.name))?;
+        let (dir, config_map) =
+            dirs.get(&vm.name).with_context(|| format!("volumeMount {} names no volume", vm.name))?;
         let host = match vm.sub_path.as_deref().filter(|s| !s.is_empty()) {
             Some(sub) => dir.join(sub),
             None => dir.clone(),
         };
+        let read_only = *config_map || vm.read_only == Some(true);
+        binds.push(BindMount { source: host.clone(), destination: vm.mount_path.clone().into(), read_only });
         mounts.push((vm.mount_path.trim_end_matches('/').to_string(), host));
     }
     mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
-    Ok(mounts)
+    Ok((mounts, binds))
 }
 
 /// Replaces a mount path prefix (whole path components) with its directory in the run dir.
@@ -374,7 +412,8 @@ fn lab_overrides(env: &mut Vec<(String, String)>, c: &Container, ctx: &PodContex
         // Export promptly so attribution needs no long wait after the run.
         set(env, "OTEL_BSP_SCHEDULE_DELAY", "200".into());
     }
-    if let Some(path) = std::env::var_os("PATH") {
+    // A container has its image's PATH; only this machine's processes need the host's.
+    if let Some(path) = std::env::var_os("PATH").filter(|_| !ctx.in_container) {
         set(env, "PATH", path.to_string_lossy().into_owned());
     }
 }
@@ -545,7 +584,7 @@ fn handler<H: HandlerFields>(
     if let Some(e) = h.exec() {
         let cmd = e.command.clone().unwrap_or_default();
         let first = cmd.first().with_context(|| format!("{}: exec.command is empty", ctx.name))?;
-        let program = program_for(Some(first), ctx.exe);
+        let program = if ctx.in_container { PathBuf::from(first) } else { program_for(Some(first), ctx.exe) };
         let args = cmd.iter().skip(1).map(|a| rewrite_url(&remap_paths(&expand(a, &vars), mounts), ctx)).collect();
         return Ok(Handler::Exec { program, args });
     }
@@ -623,6 +662,7 @@ mod tests {
             config_maps: &m.config_maps,
             services: &services,
             otlp_endpoint: Some("http://127.0.0.1:4318"),
+            in_container: false,
         };
         let plan = plan(template, &ctx).unwrap();
         let env: BTreeMap<_, _> = plan.env.iter().cloned().collect();
@@ -642,5 +682,45 @@ mod tests {
         }
         assert_eq!(plan.grace, Duration::from_secs(25));
         assert!(matches!(plan.readiness.unwrap().handler, Handler::HttpGet { addr, .. } if addr == net.addr(5001)));
+    }
+
+    /// `--runtime oci`: the manifest's own paths and programs, the image's PATH, the volumes and
+    /// /etc/hosts as bind mounts.
+    #[test]
+    fn in_a_container_paths_and_programs_stay_as_written() {
+        let (_, text) = crate::lab::embedded_overlays().into_iter().find(|(n, _)| *n == "solution").unwrap();
+        let m = crate::lab::api::manifest::parse("solution", text).unwrap();
+        let d = m.deployments.iter().find(|d| d.metadata.name.as_deref() == Some("backend")).unwrap();
+        let template = &d.spec.as_ref().unwrap().template;
+        let net = Net::new(Mode::PerIp).pod(&[5000, 5001]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let labels = BTreeMap::new();
+        let ctx = PodContext {
+            name: "backend-abc",
+            namespace: "default",
+            uid: "u",
+            labels: &labels,
+            net: &net,
+            node: "lab-node",
+            exe: Path::new("/bin/graceful-test"),
+            dir: dir.path(),
+            config_maps: &m.config_maps,
+            services: &[],
+            otlp_endpoint: None,
+            in_container: true,
+        };
+        let plan = plan(template, &ctx).unwrap();
+        assert_eq!(plan.args[2], "/etc/graceful/graceful.toml");
+        assert!(!plan.env.iter().any(|(k, _)| k == "PATH"), "the host's PATH leaked: {:?}", plan.env);
+        assert_eq!(plan.image.as_deref(), Some("graceful:latest"));
+        let config = plan.mounts.iter().find(|b| b.destination == Path::new("/etc/graceful")).unwrap();
+        assert!(config.read_only && config.source.join("graceful.toml").is_file(), "{config:?}");
+        let hosts = plan.mounts.iter().find(|b| b.destination == Path::new("/etc/hosts")).unwrap();
+        let text = std::fs::read_to_string(&hosts.source).unwrap();
+        assert!(text.contains(&format!("{}\tbackend-abc", net.ip)), "{text}");
+        match plan.pre_stop.unwrap() {
+            Handler::Exec { program, .. } => assert_eq!(program, PathBuf::from("/usr/local/bin/graceful")),
+            other => panic!("{other:?}"),
+        }
     }
 }

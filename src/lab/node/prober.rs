@@ -4,19 +4,21 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::lab::kernel_node::netns::Netns;
 use crate::lab::network::http_client;
+use crate::lab::node::oci::Container;
 use crate::lab::node::pod_spec::Handler;
+use crate::lab::node::runtime::ExecIn;
 
 /// Runs `h` once within `timeout`. Ok = success by the kubelet's rules (HTTP 200–399, TCP
 /// connect, exec exit 0, sleep done); Err says why not. HTTP and TCP handlers connect from the
-/// node, as the kubelet's do; an exec runs in the container's network namespace, when it has one.
+/// node, as the kubelet's do; an exec runs inside the container (`--runtime oci`), else on the
+/// host in the container's network namespace, when it has one.
 pub async fn run(
     h: &Handler,
     timeout: Duration,
     env: &[(String, String)],
     log: &Path,
-    netns: Option<&Netns>,
+    at: &ExecIn,
 ) -> Result<(), String> {
     match h {
         Handler::Sleep(d) => {
@@ -38,6 +40,10 @@ pub async fn run(
             Err(_) => Err(format!("dial tcp {addr}: timeout")),
         },
         Handler::Exec { program, args } => {
+            let netns = match at {
+                ExecIn::Container(c) => return exec_in_container(c, program, args, timeout, log).await,
+                ExecIn::Host { netns } => netns.as_ref(),
+            };
             let out = log_file(log);
             let err = out.as_ref().and_then(|f| f.try_clone().ok());
             let mut cmd = tokio::process::Command::new(program);
@@ -70,6 +76,30 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// `runc exec` with the container's own environment, user and confinement; output to the log.
+async fn exec_in_container(
+    c: &Container,
+    program: &Path,
+    args: &[String],
+    timeout: Duration,
+    log: &Path,
+) -> Result<(), String> {
+    let argv: Vec<String> = std::iter::once(program.display().to_string()).chain(args.iter().cloned()).collect();
+    let out = c.exec(&argv, &[], timeout).await.map_err(|e| format!("exec {}: {e:#}", program.display()))?;
+    if let Some(mut f) = log_file(log) {
+        use std::io::Write;
+        let _ = f.write_all(out.stdout.as_bytes()).and_then(|_| f.write_all(out.stderr.as_bytes()));
+    }
+    match out.status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => {
+            let why = out.stderr.lines().last().map(|l| format!(" ({l})")).unwrap_or_default();
+            Err(format!("exec {} {}: {s}{why}", program.display(), args.join(" ")))
+        }
+        None => Err(format!("exec {}: timed out after {timeout:?}", program.display())),
     }
 }
 
@@ -145,16 +175,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_default())];
+        let host = ExecIn::Host { netns: None };
         let t = Duration::from_secs(2);
         let ok = Handler::Exec { program: "true".into(), args: vec![] };
-        assert!(run(&ok, t, &env, &log, None).await.is_ok());
+        assert!(run(&ok, t, &env, &log, &host).await.is_ok());
         let bad = Handler::Exec { program: "false".into(), args: vec![] };
-        assert!(run(&bad, t, &env, &log, None).await.is_err());
+        assert!(run(&bad, t, &env, &log, &host).await.is_err());
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let tcp = Handler::Tcp { addr: l.local_addr().unwrap() };
-        assert!(run(&tcp, t, &env, &log, None).await.is_ok());
+        assert!(run(&tcp, t, &env, &log, &host).await.is_ok());
         drop(l);
-        assert!(run(&tcp, t, &env, &log, None).await.is_err());
+        assert!(run(&tcp, t, &env, &log, &host).await.is_err());
     }
 
     /// Live processes whose command line is exactly `argv`.
@@ -181,12 +212,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_default())];
+        let host = ExecIn::Host { netns: None };
         for (i, drop_it) in [false, true].into_iter().enumerate() {
             let seconds = format!("3600.{}{i}", std::process::id());
             let script = format!("sleep {seconds}; true");
             let h = Handler::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), script] };
             let started = tokio::time::Instant::now();
-            let exec = run(&h, Duration::from_millis(if drop_it { 60_000 } else { 500 }), &env, &log, None);
+            let exec = run(&h, Duration::from_millis(if drop_it { 60_000 } else { 500 }), &env, &log, &host);
             let waiting = tokio::spawn(async move {
                 while running(&["sleep", &seconds]) == 0 && started.elapsed() < Duration::from_secs(5) {
                     tokio::time::sleep(Duration::from_millis(10)).await;

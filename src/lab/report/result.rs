@@ -54,6 +54,8 @@ pub struct RunResult {
     pub name: String,
     /// Which node ran it: `kernel` or `process`.
     pub node: String,
+    /// What ran the pods' containers: `process` or `oci`.
+    pub runtime: crate::lab::cli::RuntimeKind,
     /// The kernel node's datapath: nftables transactions and conntrack's warnings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath: Option<Datapath>,

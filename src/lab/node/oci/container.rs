@@ -36,8 +36,9 @@ pub struct Runtime {
     bundles: PathBuf,
     /// Prefixes cgroup names (the cgroup tree is the host's, shared by every lab).
     cgroup_prefix: String,
-    /// Deletes what is left under `root` when the runtime is dropped or the lab dies.
-    _guard: Guard,
+    /// Deletes what is left under `root` when the runtime is dropped or the lab dies; taken
+    /// (and so run) first when the runtime is dropped.
+    guard: Option<Guard>,
 }
 
 /// What a command run in a container printed, and how it ended.
@@ -77,8 +78,8 @@ impl Runtime {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let cgroup_prefix = format!("graceful-{}-{nanos:x}", std::process::id());
-        let _guard = Guard::start(&root)?;
-        Ok(Runtime { root, bundles, cgroup_prefix, _guard })
+        let guard = Some(Guard::start(&root, &cgroup_prefix)?);
+        Ok(Runtime { root, bundles, cgroup_prefix, guard })
     }
 
     fn runc(&self) -> tokio::process::Command {
@@ -118,7 +119,11 @@ impl Runtime {
             .arg(id)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out);
+            .stderr(out)
+            // A `run` cut short (the lab interrupted) must not leave runc creating a container
+            // after the runtime's guard has swept; once the container runs, killing `runc run`
+            // leaves it to `Container` and the guard.
+            .kill_on_drop(true);
         // runc joins the run's process group; the container's init starts a session of its own,
         // which the runtime's guard (guard.rs) covers.
         run_group::join(&mut cmd);
@@ -188,6 +193,20 @@ impl Runtime {
                 .with_context(|| format!("removing {}", bundle.path().display()))?;
         }
         Ok(n)
+    }
+}
+
+impl Drop for Runtime {
+    /// What a `run` cut short left (its future dropped by an interrupted lab between the bundle
+    /// and the `Container`): the guard force-deletes every container runc lists, then each bundle
+    /// left on disk goes, its overlay unmounted first.
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let Ok(bundles) = std::fs::read_dir(&self.bundles) else { return };
+        for bundle in bundles.flatten() {
+            let _ = umount2(&bundle.path().join("rootfs"), MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir_all(bundle.path());
+        }
     }
 }
 

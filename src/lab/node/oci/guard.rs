@@ -12,9 +12,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-/// `$1`: runc's root. `cat` returns at end-of-file; nothing is ever written to the pipe.
+/// `$1`: runc's root, `$2`: the runtime's cgroup name prefix. `cat` returns at end-of-file;
+/// nothing is ever written to the pipe. A cgroup whose last process is still exiting refuses
+/// runc's removal (EBUSY), and a `runc run` killed mid-start leaves its cgroups to no one: the
+/// empty ones are removed, retried every 0.1 s for up to 3 s while any is still busy.
 const SCRIPT: &str = r#"cat >/dev/null
-for id in $(runc --root "$1" list --quiet); do runc --root "$1" delete --force "$id"; done"#;
+for id in $(runc --root "$1" list --quiet); do runc --root "$1" delete --force "$id"; done
+for try in $(seq 30); do
+  left=0
+  for d in /sys/fs/cgroup/"$2"-* /sys/fs/cgroup/*/"$2"-*; do
+    [ -d "$d" ] || continue
+    rmdir "$d" 2>/dev/null || left=1
+  done
+  [ "$left" = 0 ] && break
+  sleep 0.1
+done"#;
 /// The guard's sweep: one `runc delete` per container, each ≈ 30 ms.
 const SWEEP_BOUND: Duration = Duration::from_secs(10);
 
@@ -24,11 +36,12 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn start(runc_root: &Path) -> Result<Guard> {
+    pub fn start(runc_root: &Path, cgroup_prefix: &str) -> Result<Guard> {
         use std::os::unix::process::CommandExt;
         let mut child = Command::new("sh")
             .args(["-c", SCRIPT, "oci-runtime-guard"])
             .arg(runc_root)
+            .arg(cgroup_prefix)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
