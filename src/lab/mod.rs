@@ -399,8 +399,10 @@ impl Plan {
         } else {
             args.sweep_lag.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect()
         };
+        // Absolute: container bundles and bind mounts name paths under it, and runc resolves a
+        // relative one against the bundle, not against where the lab was started.
         let out = match &args.out {
-            Some(d) => d.clone(),
+            Some(d) => std::path::absolute(d).with_context(|| format!("--out {}", d.display()))?,
             None => {
                 let stamp =
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -452,6 +454,20 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lab: LabArgs,
+    }
+
+    /// runc resolves relative paths against the bundle: a relative `--out` must not reach it.
+    #[test]
+    fn the_run_directory_is_absolute_whatever_out_says() {
+        let args = <Cli as clap::Parser>::parse_from(["lab", "--out", "target/ci/lab"]).lab;
+        let plan = Plan::of(&args, None).unwrap();
+        assert!(plan.out.is_absolute() && plan.out.ends_with("target/ci/lab"), "{}", plan.out.display());
+    }
 
     #[test]
     fn embedded_overlays_are_the_rendered_ones() {
