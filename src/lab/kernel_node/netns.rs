@@ -34,17 +34,16 @@ impl Netns {
     /// lab killed outright takes its pods along). The namespace file is held open by the
     /// command until it is spawned (then dropped with it).
     pub fn command(&self, mut cmd: Command) -> Result<Command> {
-        let file = self.open()?;
-        // SAFETY: prctl and setns on an fd opened before fork: system calls, no allocation.
+        // SAFETY: prctl is a plain system call, no allocation.
         unsafe {
-            cmd.pre_exec(move || {
+            cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let fd = BorrowedFd::borrow_raw(file.as_raw_fd());
-                setns(fd, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                Ok(())
             });
         }
+        self.enter_on_exec(&mut cmd)?;
         Ok(cmd)
     }
 

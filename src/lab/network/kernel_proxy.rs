@@ -33,8 +33,13 @@ pub struct KernelPort {
 }
 
 impl KernelPort {
-    pub fn cluster_addr(&self) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(self.cluster_ip, self.port.port))
+    pub fn cluster_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.cluster_ip, self.port.port)
+    }
+
+    /// Where clients outside the node reach it, when it has a NodePort.
+    pub fn node_port_addr(&self) -> Option<SocketAddrV4> {
+        self.node_port.map(|np| SocketAddrV4::new(crate::lab::kernel_node::node::NODE_IP, np))
     }
 }
 
@@ -74,10 +79,7 @@ impl KernelProxy {
     /// The NodePort address clients outside the node use for `service`, else its ClusterIP.
     pub fn entry_addr(&self, service: &str) -> Option<SocketAddr> {
         let p = self.ports.iter().find(|p| p.port.service == service)?;
-        Some(match p.node_port {
-            Some(np) => SocketAddr::V4(SocketAddrV4::new(crate::lab::kernel_node::node::NODE_IP, np)),
-            None => p.cluster_addr(),
-        })
+        Some(SocketAddr::V4(p.node_port_addr().unwrap_or_else(|| p.cluster_addr())))
     }
 
     /// A new run: forget the connections seen so far.
