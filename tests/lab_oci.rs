@@ -13,12 +13,14 @@ mod oci_test_image;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::host::{kernel_node_unavailable, HostSnapshot};
+use common::image::{archive_path, tool_missing};
+use common::lab_run::graceful;
 use common::wait_bounded;
 
 const LAB_BOUND: Duration = Duration::from_secs(300);
@@ -29,25 +31,6 @@ static ONE_LAB: Mutex<()> = Mutex::new(());
 
 fn one_lab() -> std::sync::MutexGuard<'static, ()> {
     ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn graceful() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_graceful"));
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
-}
-
-/// The archive CI builds (`.ci/run`), beside this test's target dir.
-fn graceful_archive() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's path");
-    exe.ancestors().nth(3).expect("a target dir").join("image/graceful.oci.tar")
-}
-
-fn tool_missing(tools: &[&str]) -> Option<String> {
-    tools.iter().find_map(|tool| {
-        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
-        (!found.map(|o| o.status.success()).unwrap_or(false)).then(|| format!("`{tool}` is not installed"))
-    })
 }
 
 /// Why this test cannot run here. Under CI=true, with the archive present, a missing tool is a
@@ -185,7 +168,7 @@ fn assert_runtime_cleaned(out: &Path) {
 /// network namespace is as it was.
 #[test]
 fn graceful_image_problem_fails_solution_clean_as_containers() {
-    let archive = graceful_archive();
+    let archive = archive_path();
     if let Some(why) = skip_reason(Some(&archive), None) {
         eprintln!("skipped: {why}");
         return;
@@ -392,7 +375,7 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
     assert!(!out.join("plain").exists(), "a run started: {}", out.display());
 
     // A securityContext the runtime cannot honour, in an image it has: refused the same way.
-    if !graceful_archive().is_file() {
+    if !archive_path().is_file() {
         return;
     }
     let privileged = PLAIN_MANIFEST
@@ -416,7 +399,7 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
 /// or mount of the run is left.
 #[test]
 fn an_interrupted_lab_leaves_no_container_behind() {
-    let archive = graceful_archive();
+    let archive = archive_path();
     if let Some(why) = skip_reason(Some(&archive), None) {
         eprintln!("skipped: {why}");
         return;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::image::{archive_path, tool_missing};
 use graceful::lab::kernel_node::netns::Netns;
 use graceful::lab::kernel_node::private_world;
 use graceful::lab::node::oci::{BindMount, Container, ContainerSpec, ImageStore, Resources, Runtime, Security};
@@ -28,22 +29,6 @@ use serde::Deserialize;
 const INNER: &str = "OCI_RUNTIME_TEST_INNER";
 const WORLD_BOUND: Duration = Duration::from_secs(120);
 const RENDERED: &str = include_str!("../deploy/rendered/solution.yaml");
-
-fn graceful_archive() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRACEFUL_IMAGE_ARCHIVE") {
-        return p.into();
-    }
-    // <target>/debug/deps/oci_runtime-… → <target>/image/graceful.oci.tar
-    let exe = std::env::current_exe().expect("the test's path");
-    exe.ancestors().nth(3).expect("a target dir").join("image/graceful.oci.tar")
-}
-
-fn tool_missing(tools: &[&str]) -> Option<String> {
-    tools.iter().find_map(|tool| {
-        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
-        (!found.map(|o| o.status.success()).unwrap_or(false)).then(|| format!("`{tool}` is not installed"))
-    })
-}
 
 /// Why the runtime cannot be tested here, if it cannot.
 fn skip_reason(extra_tools: &[&str]) -> Option<String> {
@@ -264,7 +249,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn the_graceful_image_runs_hardened_execs_and_drains_in_a_pod_namespace() {
-    let archive = graceful_archive();
+    let archive = archive_path();
     if !archive.exists() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI builds {} first", archive.display());
         eprintln!("skipped: {} is absent (build it with .ci/build-image)", archive.display());

@@ -4,6 +4,7 @@
 
 pub mod grpc_receiver;
 pub mod host;
+pub mod image;
 pub mod lab_run;
 pub mod process;
 pub mod procs;

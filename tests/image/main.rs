@@ -19,6 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive::Image;
+use common::image::archive_path;
 use container::Container;
 use netns::Netns;
 use pod::Backend;
@@ -30,16 +31,6 @@ const BINARY_BUDGET: u64 = 24 * 1024 * 1024;
 
 const BACKEND: &str = "127.0.0.1:5000";
 const ADMIN: &str = "127.0.0.1:5001";
-
-fn archive_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRACEFUL_IMAGE_ARCHIVE") {
-        return p.into();
-    }
-    // This test runs from <target>/debug/deps/; the archive is <target>/image/graceful.oci.tar.
-    let exe = std::env::current_exe().expect("the test's path");
-    let target = exe.ancestors().nth(3).expect("a target dir");
-    target.join("image/graceful.oci.tar")
-}
 
 /// The built image, or None (with the reason printed) when it has not been built here.
 fn image() -> Option<Image> {
