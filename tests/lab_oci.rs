@@ -357,22 +357,27 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
     }
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("plain.yaml");
-    std::fs::write(&manifest, PLAIN_MANIFEST).unwrap();
     let out = dir.path().join("runs");
-    let child = graceful()
-        .args(["lab", "--node", "kernel", "--runtime", "oci", "--quiet", "--entry", "plain", "-f"])
-        .arg(&manifest)
-        .arg("--out")
-        .arg(&out)
-        .spawn()
-        .unwrap();
-    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
-    assert!(!status.success(), "{stderr}");
+    // The lab on `text`: refused, before any run started; its stderr.
+    let refused = |text: &str| -> String {
+        std::fs::write(&manifest, text).unwrap();
+        let child = graceful()
+            .args(["lab", "--node", "kernel", "--runtime", "oci", "--quiet", "--entry", "plain", "-f"])
+            .arg(&manifest)
+            .arg("--out")
+            .arg(&out)
+            .spawn()
+            .unwrap();
+        let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
+        assert!(!status.success(), "{stderr}");
+        assert!(!out.join("plain").exists(), "a run started: {}", out.display());
+        stderr
+    };
+    let stderr = refused(PLAIN_MANIFEST);
     assert!(
         stderr.contains("Deployment plain") && stderr.contains("image `plain-server:latest` has no local source"),
         "{stderr}"
     );
-    assert!(!out.join("plain").exists(), "a run started: {}", out.display());
 
     // A securityContext the runtime cannot honour, in an image it has: refused the same way.
     if !archive_path().is_file() {
@@ -381,18 +386,8 @@ fn an_image_without_a_source_is_refused_before_any_pod_starts() {
     let privileged = PLAIN_MANIFEST
         .replace("plain-server:latest", "graceful:latest")
         .replace("        ports:", "        securityContext: {privileged: true}\n        ports:");
-    std::fs::write(&manifest, privileged).unwrap();
-    let child = graceful()
-        .args(["lab", "--node", "kernel", "--runtime", "oci", "--quiet", "--entry", "plain", "-f"])
-        .arg(&manifest)
-        .arg("--out")
-        .arg(&out)
-        .spawn()
-        .unwrap();
-    let (status, _, stderr) = wait_bounded(child, Duration::from_secs(60));
-    assert!(!status.success(), "{stderr}");
+    let stderr = refused(&privileged);
     assert!(stderr.contains("Deployment plain") && stderr.contains("securityContext.privileged"), "{stderr}");
-    assert!(!out.join("plain").exists(), "a run started: {}", out.display());
 }
 
 /// SIGTERM while containers run (and others are being created): exit 2, and no container, bundle
