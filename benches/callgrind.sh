@@ -82,9 +82,10 @@ mode_env() {
   case "$1" in
     untraced) ;;
     sdk_disabled) echo "OTEL_EXPORTER_OTLP_ENDPOINT=$2 OTEL_SDK_DISABLED=true" ;;
+    sampled0) echo "OTEL_EXPORTER_OTLP_ENDPOINT=$2 OTEL_TRACES_SAMPLER=always_off" ;;
     sampled10) echo "OTEL_EXPORTER_OTLP_ENDPOINT=$2 OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1" ;;
     sampled100) echo "OTEL_EXPORTER_OTLP_ENDPOINT=$2 OTEL_TRACES_SAMPLER=always_on" ;;
-    *) echo "callgrind.sh: unknown mode \`$1\` (untraced, sdk_disabled, sampled10, sampled100)" >&2; return 2 ;;
+    *) echo "callgrind.sh: unknown mode \`$1\` (untraced, sdk_disabled, sampled0, sampled10, sampled100)" >&2; return 2 ;;
   esac
 }
 

@@ -20,6 +20,7 @@ Environment:
   OTEL_EXPORTER_OTLP_ENDPOINT          OTLP base URL; unset = no trace export
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT   full traces URL (wins over the base URL)
   OTEL_EXPORTER_OTLP_PROTOCOL          http/protobuf (default) or grpc
+  OTEL_EXPORTER_OTLP_(TRACES_)HEADERS  headers sent with every export, k=v,k2=v2 (percent-encoded)
   OTEL_SERVICE_NAME                    default graceful-<role>
   OTEL_RESOURCE_ATTRIBUTES             extra resource attributes k=v,k2=v2
   OTEL_TRACES_SAMPLER(_ARG)            always_on, traceidratio, parentbased_* ...

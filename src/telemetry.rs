@@ -160,13 +160,17 @@ fn build_provider(
 ) -> anyhow::Result<SdkTracerProvider> {
     use opentelemetry_otlp::{SpanExporter, WithExportConfig};
     let timeout = Duration::from_secs(5);
-    let exporter = match target.protocol {
-        OtlpProtocol::HttpProtobuf => SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(&target.url)
-            .with_timeout(timeout)
-            .build()?,
+    let builder = SdkTracerProvider::builder()
+        // Sampling was decided before the span was built (`sampling::HeadSampler`, from the same
+        // configuration): what reaches the provider is exported.
+        .with_sampler(Sampler::AlwaysOn)
+        .with_resource(resource(role, cfg, identity));
+    let builder = match target.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let headers = crate::otlp_export::headers_from_env();
+            let headers = headers.as_ref().map(|(var, v)| (*var, v.as_str()));
+            builder.with_batch_exporter(crate::otlp_export::HttpExporter::new(&target.url, headers, timeout)?)
+        }
         OtlpProtocol::Grpc => {
             // tonic binds to the runtime current at build(); give it one that outlives actix's.
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -178,16 +182,10 @@ fn build_provider(
                 SpanExporter::builder().with_tonic().with_endpoint(&target.url).with_timeout(timeout).build()
             })?;
             let _ = GRPC_RUNTIME.set(rt);
-            exporter
+            builder.with_batch_exporter(exporter)
         }
     };
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        // Sampling was decided before the span was built (`sampling::HeadSampler`, from the same
-        // configuration): what reaches the provider is exported.
-        .with_sampler(Sampler::AlwaysOn)
-        .with_resource(resource(role, cfg, identity))
-        .build())
+    Ok(builder.build())
 }
 
 pub fn service_name(role: &str, cfg: &Config) -> String {

@@ -367,3 +367,82 @@ fn a_warn_log_level_keeps_trace_export_and_prints_no_request_lines() {
     let log = backend.log_text();
     assert!(!log.contains("HTTP request") && !log.contains("/api/data"), "no request lines: {log}");
 }
+
+/// A collector on 127.0.0.1 that answers its first export 503 and keeps what comes after:
+/// the head of each request and the body of the accepted one.
+struct FlakyCollector {
+    addr: std::net::SocketAddr,
+    seen: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
+}
+
+impl FlakyCollector {
+    fn start() -> FlakyCollector {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Bounded: two exports are all the test needs.
+            for answer in ["503 Service Unavailable", "200 OK"] {
+                let Ok((conn, _)) = listener.accept() else { return };
+                conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let mut conn = conn;
+                let _ = write!(conn, "HTTP/1.1 {answer}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = tx.send((head, body));
+            }
+        });
+        FlakyCollector { addr, seen }
+    }
+}
+
+/// Our OTLP/HTTP exporter sends `OTEL_EXPORTER_OTLP_HEADERS` with each export, tries again when
+/// the collector answers 503, and what arrives decodes as the OTLP request it must be.
+#[test]
+fn export_sends_the_configured_headers_and_retries_an_unavailable_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let collector = FlakyCollector::start();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", collector.addr)),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer ab+c%3D,x-tenant=lab%20one".to_string()),
+        ("POD_NAME", "backend-h".to_string()),
+    ];
+    let mut backend = spawn_traced("backend", &["--drain-delay", "0s"], &env);
+    assert_eq!(get(backend.addr, "/api/data?work_ms=0").unwrap().status, 200);
+    backend.signal(libc::SIGTERM);
+    assert!(backend.wait_exit(Duration::from_secs(10)).is_some());
+
+    let (first, _) = collector.seen.recv_timeout(Duration::from_secs(10)).expect("a first export");
+    let (second, body) =
+        collector.seen.recv_timeout(Duration::from_secs(10)).expect("the export tried again after 503");
+    for head in [&first, &second] {
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
+        assert!(head.contains("content-type: application/x-protobuf"), "{head}");
+        assert!(head.contains("authorization: bearer ab+c="), "{head}");
+        assert!(head.contains("x-tenant: lab one"), "{head}");
+    }
+    let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("an OTLP request");
+    let resource = request.resource_spans[0].resource.as_ref().unwrap();
+    let pod = resource.attributes.iter().find(|kv| kv.key == "k8s.pod.name").and_then(|kv| kv.value.clone());
+    assert_eq!(format!("{pod:?}"), r#"Some(AnyValue { value: Some(StringValue("backend-h")) })"#);
+    let spans: Vec<_> = request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).collect();
+    assert!(spans.iter().any(|s| s.name == "GET /api/data"), "{spans:?}");
+}
