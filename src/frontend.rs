@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::server::{self, Ctx, Listeners, Shared};
-use crate::telemetry::{self, RequestTrace};
+use crate::telemetry::{self, RequestSpan, RequestTrace};
 use crate::upstream::{Outcome, Upstream};
+use opentelemetry::KeyValue;
 
 /// The backend's `/get-config` code, fetched once by `/startup` (shared across workers).
 #[derive(Default)]
@@ -103,7 +104,7 @@ impl<'a> BackendBody<'a> {
     }
 }
 
-fn respond(ctx: &Ctx, root: &tracing::Span, tid: Option<RequestTrace>, outcome: Outcome) -> HttpResponse {
+fn respond(ctx: &Ctx, root: &RequestSpan, tid: Option<RequestTrace>, outcome: Outcome) -> HttpResponse {
     let retries = outcome.retries();
     match outcome.result {
         Ok(resp) => {
@@ -120,17 +121,24 @@ fn respond(ctx: &Ctx, root: &tracing::Span, tid: Option<RequestTrace>, outcome: 
             HttpResponse::build(if ok { StatusCode::OK } else { resp.status }).json(answer)
         }
         Err(e) => {
-            root.record("error.type", e.kind.as_str());
-            // An unsampled request has no span to lend the line its trace id.
-            let unsampled = tid.filter(|t| !t.sampled);
+            root.set(KeyValue::new("error.type", e.kind.as_str()));
+            let (span_id, span_name) = root.log_ids();
             tracing::warn!(
-                parent: root,
-                trace_id = unsampled.as_ref().map(RequestTrace::hex),
+                trace_id = tid.as_ref().map(RequestTrace::hex),
+                span_id,
+                span.name = span_name,
                 error.type = e.kind.as_str(),
                 detail = %e.detail,
                 retries,
                 "backend call failed"
             );
+            root.event("backend call failed", || {
+                vec![
+                    KeyValue::new("error.type", e.kind.as_str()),
+                    KeyValue::new("detail", e.detail.clone()),
+                    KeyValue::new("retries", retries as i64),
+                ]
+            });
             HttpResponse::build(e.status()).json(with_trace_id(
                 tid,
                 json!({
@@ -192,7 +200,7 @@ async fn who_am_i(ctx: Shared, cache: web::Data<StartupCache>) -> HttpResponse {
 async fn health(ctx: Shared, upstream: web::Data<Upstream>) -> HttpResponse {
     // A probe path: no trace (see `telemetry::is_probe_path`).
     let outcome =
-        upstream.call(Method::GET, "/ping", web::Bytes::new(), &ctx.metrics, None, &tracing::Span::none()).await;
+        upstream.call(Method::GET, "/ping", web::Bytes::new(), &ctx.metrics, None, &RequestSpan::none()).await;
     match outcome.result {
         Ok(r) if r.status == StatusCode::OK => HttpResponse::Ok().json(json!({"status": "ok", "backend": "reachable"})),
         Ok(r) => HttpResponse::ServiceUnavailable()

@@ -16,6 +16,7 @@ pub mod otlp_receiver;
 pub mod otlp_wire;
 pub mod probe;
 pub mod request_bounds;
+pub mod request_span;
 pub mod sampling;
 pub mod server;
 pub mod signals;

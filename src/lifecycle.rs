@@ -64,7 +64,7 @@ impl DrainTrigger {
 /// One request in flight: its server span and what it is (`GET /api/data?work_ms=3000`).
 #[derive(Debug)]
 pub struct Request {
-    pub span: Option<tracing::Span>,
+    pub span: crate::request_span::RequestSpan,
     pub what: String,
 }
 
@@ -178,7 +178,7 @@ impl Lifecycle {
     }
 
     /// Counts a request in flight until the guard drops (also when its future is dropped).
-    pub fn track(&self, span: Option<tracing::Span>, what: String) -> InFlight<'_> {
+    pub fn track(&self, span: crate::request_span::RequestSpan, what: String) -> InFlight<'_> {
         self.in_flight.inc();
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.requests.lock().unwrap().insert(id, Request { span, what });
@@ -275,8 +275,8 @@ mod tests {
     #[test]
     fn in_flight_guard_counts_and_releases_spans() {
         let l = Lifecycle::new();
-        let g1 = l.track(Some(tracing::Span::none()), "GET /a".into());
-        let g2 = l.track(None, "GET /b".into());
+        let g1 = l.track(crate::request_span::RequestSpan::none(), "GET /a".into());
+        let g2 = l.track(crate::request_span::RequestSpan::none(), "GET /b".into());
         assert_eq!(l.in_flight(), 2);
         drop(g1);
         assert_eq!(l.in_flight(), 1);

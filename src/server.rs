@@ -14,9 +14,9 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
+use opentelemetry::KeyValue;
 use serde_json::json;
 use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
 use crate::gauge::Gauge;
@@ -26,7 +26,7 @@ use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
 use crate::signals::{Signals, EXIT_SIGINT, EXIT_SIGTERM};
-use crate::telemetry::{self, RequestTrace};
+use crate::telemetry::{self, RequestSpan, RequestTrace};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
@@ -171,7 +171,7 @@ async fn request_middleware(
     if let Some(conn) = req.conn_data::<ConnectionGuard>() {
         conn.request_started();
     }
-    let span = telemetry::start_request(&req, &ctx.identity.pod_name, ctx.lifecycle.phase().as_str());
+    let span = telemetry::start_request(&req, ctx.lifecycle.phase().as_str());
     let outcome = lifecycle(ctx, req, next, &span).await;
     telemetry::end_request(&span, &outcome);
     outcome
@@ -183,13 +183,9 @@ async fn lifecycle(
     ctx: Shared,
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
-    server_span: &Span,
+    span: &RequestSpan,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
-    let span = (!server_span.is_disabled()).then(|| server_span.clone());
-    if let Some(s) = &span {
-        req.extensions_mut().insert(telemetry::ServerSpan(s.clone()));
-    }
     let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
@@ -201,8 +197,10 @@ async fn lifecycle(
             BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::Broken => StatusCode::BAD_REQUEST,
         };
-        // Unsampled requests have no span to give the line its trace id.
-        tracing::info!(parent: server_span, status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "request body not read: {e:?}");
+        let message = format!("request body not read: {e:?}");
+        let (span_id, span_name) = span.log_ids();
+        tracing::info!(status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), span_id, span.name = span_name, "{message}");
+        span.event(message, || vec![KeyValue::new("status", i64::from(status.as_u16()))]);
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
@@ -216,18 +214,18 @@ async fn lifecycle(
         _ = request_bounds::client_gone(peer) => None,
     };
     let Some(result) = result else {
-        if let Some(span) = &span {
-            span.record("error.type", "client_disconnected");
-        }
-        tracing::info!(parent: server_span, route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), "client disconnected; request cancelled");
+        span.set(KeyValue::new("error.type", "client_disconnected"));
+        let (span_id, span_name) = span.log_ids();
+        tracing::info!(route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), span_id, span.name = span_name, "client disconnected; request cancelled");
+        span.event("client disconnected; request cancelled", Vec::new);
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };
     let phase_end = ctx.lifecycle.phase();
-    if let Some(span) = &span {
-        span.record("graceful.shutdown.phase_end", phase_end.as_str());
+    if span.is_recording() {
+        span.set(KeyValue::new("graceful.shutdown.phase_end", phase_end.as_str()));
         if let Some(since) = ctx.lifecycle.since_signal() {
-            span.record("graceful.ms_since_sigterm", since.as_millis() as i64);
+            span.set(KeyValue::new("graceful.ms_since_sigterm", since.as_millis() as i64));
         }
     }
     let mut res = result?;
@@ -558,12 +556,7 @@ async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> 
     let what: Vec<String> = dropped.iter().map(|r| r.what.clone()).collect();
     let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
     for r in &dropped {
-        if let Some(span) = &r.span {
-            span.record("graceful.dropped", true);
-            span.record("error.type", "dropped_at_shutdown_timeout");
-            span.record("graceful.ms_since_sigterm", ms);
-            span.set_status(opentelemetry::trace::Status::error("shutdown_timeout reached"));
-        }
+        mark_dropped(&r.span, "dropped_at_shutdown_timeout", ms, None, "shutdown_timeout reached");
         ctx.metrics.dropped.inc();
     }
     tracing::warn!(
@@ -581,6 +574,19 @@ async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> 
     what.len()
 }
 
+/// Marks the server span of a request about to be dropped, and ends it now: its future will not
+/// get to end it.
+fn mark_dropped(span: &RequestSpan, error_type: &'static str, ms: i64, phase_end: Option<Phase>, why: &'static str) {
+    span.set(KeyValue::new("graceful.dropped", true));
+    span.set(KeyValue::new("error.type", error_type));
+    span.set(KeyValue::new("graceful.ms_since_sigterm", ms));
+    if let Some(phase) = phase_end {
+        span.set(KeyValue::new("graceful.shutdown.phase_end", phase.as_str()));
+    }
+    span.set_error(why);
+    span.end();
+}
+
 fn second_signal(ctx: &Ctx, code: u8) -> ExitCode {
     ctx.event("second_signal_exit", Some(ctx.lifecycle.in_flight()));
     ExitCode::from(code)
@@ -589,18 +595,15 @@ fn second_signal(ctx: &Ctx, code: u8) -> ExitCode {
 /// The naive app: exits at once. It first ends the spans of the requests it is about to drop,
 /// marked, so the trace shows what died and why.
 async fn naive_exit(ctx: &Ctx, public: &ServerHandle, admin: &ServerHandle, code: u8) -> ExitCode {
-    let spans: Vec<Span> = ctx.lifecycle.take_in_flight().into_iter().filter_map(|r| r.span).collect();
+    let dropped = ctx.lifecycle.take_in_flight();
     let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
-    for span in &spans {
-        span.record("graceful.dropped", true);
-        span.record("error.type", "dropped_by_exit");
-        span.record("graceful.ms_since_sigterm", ms);
-        span.record("graceful.shutdown.phase_end", Phase::Stopped.as_str());
-        span.set_status(opentelemetry::trace::Status::error("process exited on SIGTERM without draining"));
+    for r in &dropped {
+        let why = "process exited on SIGTERM without draining";
+        mark_dropped(&r.span, "dropped_by_exit", ms, Some(Phase::Stopped), why);
         ctx.metrics.dropped.inc();
     }
-    ctx.event("dropping_in_flight", Some(spans.len()));
-    drop(spans);
+    ctx.event("dropping_in_flight", Some(dropped.len()));
+    drop(dropped);
     ctx.set_phase(Phase::Stopped);
     // A forced stop drops the connections (and with them the request futures and their spans).
     let (p, a) = (public.clone(), admin.clone());

@@ -9,16 +9,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::HttpMessage;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
-use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TracerProvider as _};
+use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::Registry;
@@ -27,6 +24,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use crate::identity::Identity;
+pub use crate::request_span::RequestSpan;
 pub use crate::sampling::RequestTrace;
 use crate::sampling::{self, HeadSampler};
 
@@ -87,6 +85,8 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
+            crate::request_span::install(tracer.clone());
+            let _ = POD.set(StringValue::from(identity.pod_name.clone()));
             let _ = PROVIDER.set(provider);
             // Per-span extras (code location, thread, busy/idle timers, level, target) cost time on
             // every request and say nothing about where a request died. Context activation would
@@ -252,54 +252,32 @@ pub fn root_sampled(name: &str) -> bool {
     HEAD.get().is_none_or(|h| h.decide_root(name))
 }
 
-struct ActixHeaders<'a>(&'a HeaderMap);
-
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-
-/// The propagation header names, made once (a `&str` key is parsed into a name on every use).
-fn header_name(key: &str) -> Option<HeaderName> {
-    match key {
-        "traceparent" => Some(TRACEPARENT),
-        "tracestate" => Some(TRACESTATE),
-        _ => HeaderName::try_from(key).ok(),
-    }
-}
-
-impl Extractor for ActixHeaders<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(header_name(key)?).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-/// Collects propagation headers for an outgoing request.
-#[derive(Default)]
-pub struct OutgoingHeaders(pub Vec<(HeaderName, HeaderValue)>);
-
-impl Injector for OutgoingHeaders {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Some(k), Ok(v)) = (header_name(key), HeaderValue::try_from(value)) {
-            self.0.push((k, v));
-        }
-    }
-}
-
 /// `traceparent` for a call made by a request: from the call's own span when the request is
-/// sampled (its parent is that span, not a detached context), else the request's trace id with
-/// the sampled flag off. Nothing when tracing is off.
-pub fn inject(span: &Span, trace: Option<RequestTrace>) -> OutgoingHeaders {
-    let mut out = OutgoingHeaders::default();
-    match (HEAD.get(), trace) {
-        (Some(_), Some(t)) if t.sampled => TraceContextPropagator::new().inject_context(&span.context(), &mut out),
-        (Some(head), Some(t)) => out.set("traceparent", head.unsampled_traceparent(&t)),
-        _ => {}
+/// sampled (its parent is that span), else the request's trace id with the sampled flag off.
+/// Nothing when tracing is off.
+pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    let value = match (HEAD.get(), trace, span.span_context()) {
+        (Some(_), Some(t), Some(sc)) if t.sampled => {
+            let state = sc.trace_state().header();
+            if !state.is_empty() {
+                if let Ok(v) = HeaderValue::try_from(state) {
+                    out.push((TRACESTATE, v));
+                }
+            }
+            sampling::traceparent(&sc)
+        }
+        (Some(head), Some(t), _) => head.unsampled_traceparent(&t),
+        _ => return out,
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        out.push((TRACEPARENT, v));
     }
     out
 }
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The trace of the request being served (`None` when tracing is off).
 pub fn request_trace(extensions: &actix_web::dev::Extensions) -> Option<RequestTrace> {
@@ -312,97 +290,105 @@ pub fn is_probe_path(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
 }
 
-/// The server span of every sampled request: the fields that say where a request died, in
-/// OpenTelemetry's semantic-convention names, and the caller's W3C context. Leaner than
-/// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every field
-/// is paid for on every sampled request, and what is known at the start is set then, not recorded
-/// after. Unsampled requests and probe paths (kubelet polls them every few seconds) get no span.
-fn request_span(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
-    let route = request.match_pattern();
-    let route = route.as_deref().unwrap_or("unmatched");
-    let method = request.method();
-    tracing::info_span!(
-        "HTTP request",
-        otel.name = %format_args!("{method} {route}"),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = route,
-        url.path = request.path(),
-        client.address = request.peer_addr().map(|a| tracing::field::display(a.ip())),
-        http.response.status_code = tracing::field::Empty,
-        exception.message = tracing::field::Empty,
-        exception.details = tracing::field::Empty,
-        graceful.shutdown.phase = phase,
-        graceful.shutdown.phase_end = tracing::field::Empty,
-        graceful.ms_since_sigterm = tracing::field::Empty,
-        graceful.dropped = tracing::field::Empty,
-        graceful.pod = pod,
-        error.type = tracing::field::Empty,
-    )
+/// The pod's name as an attribute value, made once (every server span carries it).
+static POD: OnceLock<StringValue> = OnceLock::new();
+
+/// The method as a `'static` string for the common ones (no allocation per span).
+pub fn method_value(method: &actix_web::http::Method) -> Value {
+    use actix_web::http::Method;
+    let name = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => return Value::from(method.as_str().to_string()),
+    };
+    Value::from(name)
 }
 
-/// The request's server span, in its extensions for the handlers: spans and log lines inside a
-/// request name it as their parent explicitly, so that it is never entered and left on every poll
-/// (each costs every layer a lookup, and the OpenTelemetry layer a timestamp).
-#[derive(Clone)]
-pub struct ServerSpan(pub Span);
+/// The server span of a sampled request: the attributes that say where a request died, in
+/// OpenTelemetry's semantic-convention names, under the caller's context. Leaner than
+/// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every
+/// attribute is paid for on every sampled request. What is known later is set then
+/// (`http.response.status_code`, `graceful.shutdown.phase_end`, `error.type`, ...).
+fn request_span(request: &ServiceRequest, phase: &'static str, parent: &Context) -> RequestSpan {
+    let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method();
+    let name = format!("{method} {route}");
+    let mut attributes = Vec::with_capacity(12);
+    attributes.push(KeyValue::new("http.request.method", method_value(method)));
+    attributes.push(KeyValue::new("http.route", route));
+    attributes.push(KeyValue::new("url.path", request.path().to_string()));
+    if let Some(peer) = request.peer_addr() {
+        attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
+    }
+    attributes.push(KeyValue::new("graceful.shutdown.phase", phase));
+    if let Some(pod) = POD.get() {
+        attributes.push(KeyValue::new("graceful.pod", pod.clone()));
+    }
+    RequestSpan::start("HTTP request", name, SpanKind::Server, parent, attributes)
+}
 
-/// The server span of the request being served (`Span::none()` when it has none).
-pub fn server_span(extensions: &actix_web::dev::Extensions) -> Span {
-    extensions.get::<ServerSpan>().map(|s| s.0.clone()).unwrap_or_else(Span::none)
+/// The request's server span, in its extensions for the handlers: their attempt spans are its
+/// children, their log lines name it.
+#[derive(Clone)]
+pub struct ServerSpan(pub RequestSpan);
+
+/// The server span of the request being served (none when it has none).
+pub fn server_span(extensions: &actix_web::dev::Extensions) -> RequestSpan {
+    extensions.get::<ServerSpan>().map(|s| s.0.clone()).unwrap_or_default()
 }
 
 /// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
-/// returns its server span (`Span::none()` when unsampled, and for probe paths).
-pub fn start_request(request: &ServiceRequest, pod: &str, phase: &'static str) -> Span {
+/// returns its server span (none when unsampled, for probe paths, and with tracing off).
+pub fn start_request(request: &ServiceRequest, phase: &'static str) -> RequestSpan {
     if is_probe_path(request.path()) {
-        return Span::none();
+        return RequestSpan::none();
     }
-    let Some(head) = HEAD.get() else {
-        // Tracing off: the span is for the pretty log layer only (the JSON one takes no spans).
-        return request_span(request, pod, phase);
-    };
-    let parent = TraceContextPropagator::new().extract(&ActixHeaders(request.headers()));
+    let Some(head) = HEAD.get() else { return RequestSpan::none() };
+    let headers = request.headers();
+    let header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let parent = sampling::caller_context(header(&TRACEPARENT), header(&TRACESTATE));
     let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
     if !decided.sampled {
         // No span at all: the trace id travels in the extensions, for the response header,
         // the bodies, the log lines and the next hop's traceparent.
         request.extensions_mut().insert(decided);
-        return Span::none();
+        return RequestSpan::none();
     }
-    let span = request_span(request, pod, phase);
-    let trace_id = if parent.span().span_context().is_valid() {
-        let id = decided.trace_id;
-        // Must happen before anything starts the span (context(), enter). Nothing starts it
-        // here: until it is, the fields recorded later are only gathered, which costs less.
-        let _ = span.set_parent(parent);
-        id
-    } else {
-        // A root's trace id is the one the SDK gives its span (the decision's was only drawn on).
-        span.context().span().span_context().trace_id()
-    };
+    let span = request_span(request, phase, &parent);
+    // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
+    let trace_id = span.span_context().map(|sc| sc.trace_id()).unwrap_or(decided.trace_id);
     request.extensions_mut().insert(RequestTrace::new(trace_id, true));
+    request.extensions_mut().insert(ServerSpan(span.clone()));
     span
 }
 
-/// A request's end on its server span: the status, and whether it failed. A 5xx is an error,
-/// a 4xx is the client's (OTel makes OK final, so plain responses are marked here too).
-pub fn end_request<B>(span: &Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
-    if span.is_disabled() {
+/// A request's end on its server span: the status, whether it failed, and the span's end. A 5xx
+/// is an error, a 4xx is the client's (OTel makes OK final, so plain responses are marked too).
+pub fn end_request<B>(span: &RequestSpan, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+    if !span.is_recording() {
         return;
     }
     let (status, error) = match outcome {
         Ok(res) => (res.status(), res.response().error().map(|e| e.as_response_error())),
         Err(e) => (e.as_response_error().status_code(), Some(e.as_response_error())),
     };
-    span.record("http.response.status_code", i64::from(status.as_u16()));
+    span.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
     if let Some(e) = error {
-        span.record("exception.message", tracing::field::display(e));
-        span.record("exception.details", tracing::field::debug(e));
+        span.set(KeyValue::new("exception.message", e.to_string()));
+        span.set(KeyValue::new("exception.details", format!("{e:?}")));
     }
     let failed = status.is_server_error() || (error.is_some() && !status.is_client_error());
-    span.record("otel.status_code", if failed { "ERROR" } else { "OK" });
+    if failed {
+        span.set_error("");
+    } else {
+        span.set_ok();
+    }
+    span.end();
 }
 
 #[cfg(test)]

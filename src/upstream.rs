@@ -15,7 +15,9 @@ use url::Url;
 use crate::config::{Config, ResolveRule};
 use crate::metrics::{AttemptLabels, Metrics};
 use crate::server::POD_HEADER;
-use crate::telemetry::{self, RequestTrace};
+use crate::telemetry::{self, RequestSpan, RequestTrace};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// Re-exported through actix so we don't pin another `bytes`.
 mod bytes_compat {
@@ -203,7 +205,7 @@ impl Upstream {
         body: Bytes,
         metrics: &Metrics,
         trace: Option<RequestTrace>,
-        parent: &tracing::Span,
+        parent: &RequestSpan,
     ) -> Outcome {
         let attempts = Cell::new(0usize);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
@@ -225,14 +227,24 @@ impl Upstream {
                     .when(|e: &UpstreamError| e.retryable(&self.cfg.retry_on))
                     .notify(|e: &UpstreamError, wait: Duration| {
                         metrics.retries.inc();
+                        let (attempt, backoff_ms) = (attempts.get() as i64, wait.as_millis() as i64);
+                        let (span_id, span_name) = parent.log_ids();
                         tracing::info!(
-                            parent: parent,
-                            trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
+                            trace_id = trace.as_ref().map(RequestTrace::hex),
+                            span_id,
+                            span.name = span_name,
                             error.type = e.kind.as_str(),
-                            attempt = attempts.get() as i64,
-                            backoff_ms = wait.as_millis() as i64,
+                            attempt,
+                            backoff_ms,
                             "retry"
                         );
+                        parent.event("retry", || {
+                            vec![
+                                KeyValue::new("error.type", e.kind.as_str()),
+                                KeyValue::new("attempt", attempt),
+                                KeyValue::new("backoff_ms", backoff_ms),
+                            ]
+                        });
                     })
                     .await
             } else {
@@ -260,43 +272,44 @@ impl Upstream {
         body: Bytes,
         resend: usize,
         trace: Option<RequestTrace>,
-        parent: &tracing::Span,
+        parent: &RequestSpan,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let (url, addr) = (self.target.url(path_and_query), self.target.addr);
-        // With tracing on, only a sampled request's attempts are spans (a probe's are not).
-        let span = if trace.is_some_and(|t| t.sampled) || !telemetry::enabled() {
-            attempt_span(parent, method, &url, path_and_query, &self.target, resend)
-        } else {
-            tracing::Span::none()
-        };
+        // Only a sampled request's attempts are spans (a probe's are not): its server span is one.
+        let span = attempt_span(parent, method, &url, path_and_query, &self.target, resend);
         let started = Instant::now();
         let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
-        // Not entered on every poll (see `telemetry::ServerSpan`): nothing inside names it implicitly.
         let result = self.send(method, url, addr, body, &span, trace).await;
         cancelled.finished = true;
-        span.record("duration_ms", started.elapsed().as_millis() as i64);
+        span.set(KeyValue::new("duration_ms", started.elapsed().as_millis() as i64));
         match &result {
             Ok(resp) => {
-                span.record("http.response.status_code", i64::from(resp.status.as_u16()));
+                span.set(KeyValue::new("http.response.status_code", i64::from(resp.status.as_u16())));
                 if let Some(pod) = &resp.pod {
-                    span.record("graceful.peer.pod", pod.as_str());
+                    span.set(KeyValue::new("graceful.peer.pod", pod.clone()));
                 }
             }
             Err(e) => {
-                span.record("error.type", e.kind.as_str());
-                span.record("otel.status_code", "ERROR");
+                span.set(KeyValue::new("error.type", e.kind.as_str()));
+                span.set_error("");
                 if let Some(s) = e.status {
-                    span.record("http.response.status_code", i64::from(s));
+                    span.set(KeyValue::new("http.response.status_code", i64::from(s)));
                 }
+                let (span_id, span_name) = span.log_ids();
                 tracing::warn!(
-                    parent: &span,
-                    trace_id = unsampled_trace_id(trace).as_ref().map(RequestTrace::hex),
+                    trace_id = trace.as_ref().map(RequestTrace::hex),
+                    span_id,
+                    span.name = span_name,
                     error.type = e.kind.as_str(),
                     detail = %e.detail,
                     "upstream attempt failed"
                 );
+                span.event("upstream attempt failed", || {
+                    vec![KeyValue::new("error.type", e.kind.as_str()), KeyValue::new("detail", e.detail.clone())]
+                });
             }
         }
+        span.end();
         result
     }
 
@@ -306,7 +319,7 @@ impl Upstream {
         url: String,
         addr: Option<SocketAddr>,
         body: Bytes,
-        span: &tracing::Span,
+        span: &RequestSpan,
         trace: Option<RequestTrace>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let mut req = self.client.request(method.clone(), url);
@@ -316,7 +329,7 @@ impl Upstream {
         if let Some(a) = addr {
             req = req.address(a);
         }
-        for (k, v) in telemetry::inject(span, trace).0 {
+        for (k, v) in telemetry::inject(span, trace) {
             req = req.insert_header((k, v));
         }
         let resp = req.send_body(body).await.map_err(classify_send)?;
@@ -347,44 +360,34 @@ impl Upstream {
     }
 }
 
-/// The client span of one attempt (sampled requests, and the pretty log with tracing off).
+/// The client span of one attempt, under the request's server span (none when that is none).
 fn attempt_span(
-    parent: &tracing::Span,
+    parent: &RequestSpan,
     method: &Method,
     url: &str,
     path_and_query: &str,
     target: &Target,
     resend: usize,
-) -> tracing::Span {
+) -> RequestSpan {
     let path = path_and_query.split('?').next().unwrap_or(path_and_query);
-    tracing::info_span!(
-        parent: parent,
-        "upstream attempt",
-        otel.name = %format_args!("{method} {path}"),
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        url.full = url,
-        server.address = target.host.as_str(),
-        server.port = i64::from(target.port),
-        network.peer.address = target.addr.map(tracing::field::display),
-        http.request.resend_count = resend as i64,
-        http.response.status_code = tracing::field::Empty,
-        graceful.peer.pod = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        duration_ms = tracing::field::Empty,
-    )
-}
-
-/// The trace id a log line must carry itself: an unsampled request has no span to lend it one.
-fn unsampled_trace_id(trace: Option<RequestTrace>) -> Option<RequestTrace> {
-    trace.filter(|t| !t.sampled)
+    parent.child("upstream attempt", format!("{method} {path}"), SpanKind::Client, || {
+        let mut attributes = Vec::with_capacity(11);
+        attributes.push(KeyValue::new("http.request.method", telemetry::method_value(method)));
+        attributes.push(KeyValue::new("url.full", url.to_string()));
+        attributes.push(KeyValue::new("server.address", target.host.clone()));
+        attributes.push(KeyValue::new("server.port", i64::from(target.port)));
+        if let Some(addr) = target.addr {
+            attributes.push(KeyValue::new("network.peer.address", addr.to_string()));
+        }
+        attributes.push(KeyValue::new("http.request.resend_count", resend as i64));
+        attributes
+    })
 }
 
 /// The overall deadline cancels an attempt by dropping its future: the attempt span must still
 /// end with an error, or the trace would show an attempt that simply stopped.
 struct CancelledAttempt<'a> {
-    span: &'a tracing::Span,
+    span: &'a RequestSpan,
     started: Instant,
     finished: bool,
 }
@@ -392,9 +395,10 @@ struct CancelledAttempt<'a> {
 impl Drop for CancelledAttempt<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.span.record("duration_ms", self.started.elapsed().as_millis() as i64);
-            self.span.record("error.type", ErrorType::DeadlineExceeded.as_str());
-            self.span.record("otel.status_code", "ERROR");
+            self.span.set(KeyValue::new("duration_ms", self.started.elapsed().as_millis() as i64));
+            self.span.set(KeyValue::new("error.type", ErrorType::DeadlineExceeded.as_str()));
+            self.span.set_error("");
+            self.span.end();
         }
     }
 }
