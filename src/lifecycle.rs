@@ -65,7 +65,21 @@ impl DrainTrigger {
 #[derive(Debug)]
 pub struct Request {
     pub span: crate::request_span::RequestSpan,
-    pub what: String,
+    pub what: RequestLine,
+}
+
+/// A request's method and URI, written out only when a request is named (it is dropped): every
+/// request is tracked, almost none is ever named.
+#[derive(Debug, Clone)]
+pub struct RequestLine {
+    pub method: actix_web::http::Method,
+    pub uri: actix_web::http::Uri,
+}
+
+impl std::fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.uri)
+    }
 }
 
 #[derive(Debug)]
@@ -178,7 +192,7 @@ impl Lifecycle {
     }
 
     /// Counts a request in flight until the guard drops (also when its future is dropped).
-    pub fn track(&self, span: crate::request_span::RequestSpan, what: String) -> InFlight<'_> {
+    pub fn track(&self, span: crate::request_span::RequestSpan, what: RequestLine) -> InFlight<'_> {
         self.in_flight.inc();
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.requests.lock().unwrap().insert(id, Request { span, what });
@@ -275,14 +289,15 @@ mod tests {
     #[test]
     fn in_flight_guard_counts_and_releases_spans() {
         let l = Lifecycle::new();
-        let g1 = l.track(crate::request_span::RequestSpan::none(), "GET /a".into());
-        let g2 = l.track(crate::request_span::RequestSpan::none(), "GET /b".into());
+        let line = |path: &str| RequestLine { method: actix_web::http::Method::GET, uri: path.parse().unwrap() };
+        let g1 = l.track(crate::request_span::RequestSpan::none(), line("/a"));
+        let g2 = l.track(crate::request_span::RequestSpan::none(), line("/b?x=1"));
         assert_eq!(l.in_flight(), 2);
         drop(g1);
         assert_eq!(l.in_flight(), 1);
         let left = l.take_in_flight();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].what, "GET /b");
+        assert_eq!(left[0].what.to_string(), "GET /b?x=1");
         drop(g2);
         assert_eq!(l.in_flight(), 0);
     }

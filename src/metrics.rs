@@ -1,5 +1,7 @@
 //! Prometheus metrics (`/metrics` on the admin port).
 
+use std::borrow::Cow;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,9 +11,11 @@ use prometheus_client::registry::Registry;
 
 use crate::lifecycle::Phase;
 
+/// Counted on every request: no label is allocated that need not be (the method is `'static`
+/// for the usual ones).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    pub method: Cow<'static, str>,
     pub route: String,
     pub status: u16,
 }
@@ -24,7 +28,7 @@ pub struct PhaseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     /// `ok` or an `error.type` value.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 pub struct Metrics {

@@ -21,7 +21,7 @@ use tracing::Span;
 use crate::config::Config;
 use crate::gauge::Gauge;
 use crate::identity::Identity;
-use crate::lifecycle::{DrainTrigger, Lifecycle, Phase};
+use crate::lifecycle::{DrainTrigger, Lifecycle, Phase, RequestLine};
 use crate::listener::{self, Markers, PublicListener};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::request_bounds::{self, BodyError, PeerSocket};
@@ -188,8 +188,8 @@ async fn lifecycle(
     let peer = req.conn_data::<PeerSocket>().copied();
     let trace = telemetry::request_trace(&req.extensions());
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
-    let what = format!("{method} {}", req.uri());
+    let method = telemetry::method_label(req.method());
+    let what = RequestLine { method: req.method().clone(), uri: req.uri().clone() };
     let _in_flight = ctx.lifecycle.track(span.clone(), what);
     if let Err(e) = request_bounds::read_body(&mut req, ctx.config.server.body_read_timeout).await {
         let status = match e {
@@ -553,7 +553,7 @@ async fn close_public_listener(ctx: &Ctx, socket: PublicListener, handle: &Serve
 /// shutdown_timeout has passed: force the rest closed, and say what was dropped.
 async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> usize {
     let dropped = ctx.lifecycle.take_in_flight();
-    let what: Vec<String> = dropped.iter().map(|r| r.what.clone()).collect();
+    let what: Vec<String> = dropped.iter().map(|r| r.what.to_string()).collect();
     let ms = ctx.lifecycle.since_signal().map(|d| d.as_millis() as i64).unwrap_or(0);
     for r in &dropped {
         mark_dropped(&r.span, "dropped_at_shutdown_timeout", ms, None, "shutdown_timeout reached");

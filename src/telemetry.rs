@@ -256,7 +256,7 @@ pub fn root_sampled(name: &str) -> bool {
 /// sampled (its parent is that span), else the request's trace id with the sampled flag off.
 /// Nothing when tracing is off.
 pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(2);
+    let mut out = Vec::new();
     let value = match (HEAD.get(), trace, span.span_context()) {
         (Some(_), Some(t), Some(sc)) if t.sampled => {
             let state = sc.trace_state().header();
@@ -293,20 +293,24 @@ pub fn is_probe_path(path: &str) -> bool {
 /// The pod's name as an attribute value, made once (every server span carries it).
 static POD: OnceLock<StringValue> = OnceLock::new();
 
-/// The method as a `'static` string for the common ones (no allocation per span).
-pub fn method_value(method: &actix_web::http::Method) -> Value {
+/// The method as a `'static` string for the common ones: no allocation per request.
+pub fn method_label(method: &actix_web::http::Method) -> std::borrow::Cow<'static, str> {
     use actix_web::http::Method;
-    let name = match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => return Value::from(method.as_str().to_string()),
-    };
-    Value::from(name)
+    match *method {
+        Method::GET => "GET".into(),
+        Method::POST => "POST".into(),
+        Method::PUT => "PUT".into(),
+        Method::DELETE => "DELETE".into(),
+        Method::HEAD => "HEAD".into(),
+        Method::OPTIONS => "OPTIONS".into(),
+        Method::PATCH => "PATCH".into(),
+        _ => method.as_str().to_string().into(),
+    }
+}
+
+/// The same, as a span attribute's value.
+pub fn method_value(method: &actix_web::http::Method) -> Value {
+    Value::from(method_label(method))
 }
 
 /// The server span of a sampled request: the attributes that say where a request died, in

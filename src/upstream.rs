@@ -214,8 +214,8 @@ impl Upstream {
             attempts.set(n + 1);
             let res = self.attempt(&method, path_and_query, body.clone(), n, trace, parent).await;
             let outcome = match &res {
-                Ok(_) => "ok".to_string(),
-                Err(e) => e.kind.as_str().to_string(),
+                Ok(_) => "ok",
+                Err(e) => e.kind.as_str(),
             };
             metrics.upstream_attempts.get_or_create(&AttemptLabels { outcome }).inc();
             res
@@ -281,14 +281,17 @@ impl Upstream {
         let mut cancelled = CancelledAttempt { span: &span, started, finished: false };
         let result = self.send(method, url, addr, body, &span, trace).await;
         cancelled.finished = true;
-        span.set(KeyValue::new("duration_ms", started.elapsed().as_millis() as i64));
+        if span.is_recording() {
+            span.set(KeyValue::new("duration_ms", started.elapsed().as_millis() as i64));
+        }
         match &result {
-            Ok(resp) => {
+            Ok(resp) if span.is_recording() => {
                 span.set(KeyValue::new("http.response.status_code", i64::from(resp.status.as_u16())));
                 if let Some(pod) = &resp.pod {
                     span.set(KeyValue::new("graceful.peer.pod", pod.clone()));
                 }
             }
+            Ok(_) => {}
             Err(e) => {
                 span.set(KeyValue::new("error.type", e.kind.as_str()));
                 span.set_error("");
@@ -369,6 +372,9 @@ fn attempt_span(
     target: &Target,
     resend: usize,
 ) -> RequestSpan {
+    if !parent.is_recording() {
+        return RequestSpan::none();
+    }
     let path = path_and_query.split('?').next().unwrap_or(path_and_query);
     parent.child("upstream attempt", format!("{method} {path}"), SpanKind::Client, || {
         let mut attributes = Vec::with_capacity(11);
