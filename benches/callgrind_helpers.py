@@ -7,6 +7,7 @@
 
 import http.client
 import http.server
+import glob
 import os
 import re
 import signal
@@ -68,7 +69,17 @@ def client(addr, n):
     print(f"{n} requests in {time.monotonic() - start:.1f} s; {len(trace_ids)} distinct x-trace-id")
 
 
-def totals(path):
+def parts(path):
+    """The output file, or with VG_EXTRA=--separate-threads=yes its per-thread files (path-01 …)."""
+    found = sorted(glob.glob(path + "-[0-9]*"))
+    if found:
+        return found
+    if os.path.exists(path):
+        return [path]
+    raise SystemExit(f"report: no callgrind output at {path}")
+
+
+def file_total(path):
     """Total Ir of one callgrind output file."""
     with open(path) as f:
         for line in f:
@@ -77,11 +88,31 @@ def totals(path):
     raise SystemExit(f"report: no totals in {path}")
 
 
+def totals(path):
+    """Total Ir of a process (all its threads' files)."""
+    return sum(file_total(p) for p in parts(path))
+
+
+def thread_totals(path):
+    """Ir per thread file (the file's suffix), or {} when threads were not separated."""
+    files = parts(path)
+    return {} if files == [path] else {p.rsplit("-", 1)[1]: file_total(p) for p in files}
+
+
 ENTRY = re.compile(r"^\s*([\d,]+)\s+\([^)]*\)\s+(\S.*)$")
 
 
 def function_costs(path, inclusive):
-    """Cost (Ir) per function, self or inclusive, from callgrind_annotate with no threshold."""
+    """Cost (Ir) per function, self or inclusive, summed over the process's thread files."""
+    costs = {}
+    for part in parts(path):
+        for name, v in file_function_costs(part, inclusive).items():
+            costs[name] = costs.get(name, 0) + v
+    return costs
+
+
+def file_function_costs(path, inclusive):
+    """Cost (Ir) per function of one file, from callgrind_annotate with no threshold."""
     out = subprocess.run(
         ["callgrind_annotate", "--threshold=100", "--auto=no", f"--inclusive={'yes' if inclusive else 'no'}", path],
         capture_output=True, text=True, check=True,
@@ -120,6 +151,14 @@ def report(out, small, large, top, modes):
             b = totals(os.path.join(out, f"{mode}-{large}", f"{role}.cg"))
             per[role] = (b - a) / n
         rows[mode] = per
+    for mode in modes:
+        for role in ("frontend", "backend"):
+            a = thread_totals(os.path.join(out, f"{mode}-{small}", f"{role}.cg"))
+            b = thread_totals(os.path.join(out, f"{mode}-{large}", f"{role}.cg"))
+            threads = {t: (b[t] - a.get(t, 0)) / n for t in b if (b[t] - a.get(t, 0)) / n >= 100}
+            if threads:
+                listed = ", ".join(f"thread {t} {v / 1000:.1f}k" for t, v in sorted(threads.items()))
+                print(f"  {mode} {role} per thread: {listed}")
     base = rows.get("untraced")
     for mode, per in rows.items():
         chain = per["frontend"] + per["backend"]
