@@ -124,21 +124,15 @@ mod tests {
 
     #[test]
     fn a_bad_header_is_refused_naming_its_variable() {
-        let err = HttpExporter::new(
-            "http://127.0.0.1:9/v1/traces",
-            Some(("OTEL_EXPORTER_OTLP_HEADERS", "bad name=x")),
-            Duration::from_secs(1),
-        )
-        .unwrap_err()
-        .to_string();
+        let refusal = |var: &str, list: &str| {
+            let built = HttpExporter::new("http://127.0.0.1:9/v1/traces", Some((var, list)), Duration::from_secs(1));
+            built.unwrap_err().to_string()
+        };
+        let err = refusal("OTEL_EXPORTER_OTLP_HEADERS", "bad name=x");
         assert!(err.contains("OTEL_EXPORTER_OTLP_HEADERS") && err.contains("bad name"), "{err}");
-        let err = HttpExporter::new(
-            "http://127.0.0.1:9/v1/traces",
-            Some(("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "k=a%0Ab")),
-            Duration::from_secs(1),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refusal("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "k=a%0Ab");
         assert!(err.contains("OTEL_EXPORTER_OTLP_TRACES_HEADERS") && err.contains("header `k`"), "{err}");
+        let err = refusal("OTEL_EXPORTER_OTLP_HEADERS", "a=1,oops");
+        assert!(err.contains("`oops` is not `name=value`"), "{err}");
     }
 }

@@ -408,34 +408,36 @@ fn put_varint_field(out: &mut Vec<u8>, field: u64, v: u64) {
     }
 }
 
-fn fixed64_len(field: u64, v: u64) -> usize {
+/// A fixed-width field of `width` bytes (8: fixed64/double, 4: fixed32), little-endian.
+fn fixed_len(field: u64, v: u64, width: usize) -> usize {
     if v == 0 {
         0
     } else {
-        tag_len(field) + 8
+        tag_len(field) + width
     }
+}
+
+fn put_fixed(out: &mut Vec<u8>, field: u64, v: u64, width: usize) {
+    if v != 0 {
+        put_tag(out, field, if width == 8 { FIXED64 } else { FIXED32 });
+        out.extend_from_slice(&v.to_le_bytes()[..width]);
+    }
+}
+
+fn fixed64_len(field: u64, v: u64) -> usize {
+    fixed_len(field, v, 8)
 }
 
 fn put_fixed64(out: &mut Vec<u8>, field: u64, v: u64) {
-    if v != 0 {
-        put_tag(out, field, FIXED64);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_fixed(out, field, v, 8);
 }
 
 fn fixed32_len(field: u64, v: u32) -> usize {
-    if v == 0 {
-        0
-    } else {
-        tag_len(field) + 4
-    }
+    fixed_len(field, u64::from(v), 4)
 }
 
 fn put_fixed32(out: &mut Vec<u8>, field: u64, v: u32) {
-    if v != 0 {
-        put_tag(out, field, FIXED32);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_fixed(out, field, u64::from(v), 4);
 }
 
 #[cfg(test)]
