@@ -1,8 +1,10 @@
-//! Logs and traces: JSON (or pretty) logs with trace ids, OTLP export, W3C propagation, flush at exit.
+//! Logs and traces: JSON (or pretty) logs with trace ids, OTLP export, W3C propagation, a
+//! request's start and end on its server span, flush at exit.
 //!
 //! Traps handled here (see the tests): the exporter is built before any async runtime exists
-//! (HTTP uses the blocking client; gRPC gets a runtime of its own), and the provider is shut down
-//! from a plain thread with a bound, never from inside actix's current-thread runtime.
+//! (HTTP uses our blocking exporter, `otlp_export`; gRPC gets a runtime of its own), and the
+//! provider is shut down from a plain thread with a bound, never from inside actix's
+//! current-thread runtime.
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -88,10 +90,10 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             crate::request_span::install(tracer.clone());
             let _ = POD.set(StringValue::from(identity.pod_name.clone()));
             let _ = PROVIDER.set(provider);
-            // Per-span extras (code location, thread, busy/idle timers, level, target) cost time on
-            // every request and say nothing about where a request died. Context activation would
-            // attach an OTel Context on every poll; parents come from tracing's own span tree and
-            // propagation reads the span's context explicitly (`inject`), so nothing needs it.
+            // The layer carries the `tracing` spans that remain (the process's lifecycle span and
+            // its events); a request's spans are the SDK's own (`request_span`). Per-span extras
+            // (code location, thread, busy/idle timers, level, target) say nothing about where a
+            // request died, and nothing reads an activated context.
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
