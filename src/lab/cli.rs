@@ -146,8 +146,9 @@ pub struct LabArgs {
     #[arg(long = "image", value_name = "NAME=SOURCE")]
     pub images: Vec<crate::lab::node::oci::ImageRef>,
     /// On the kernel node, what a torn-down pod's address does to new connections: `unreachable`
-    /// (the node forgets its neighbour entry: EHOSTUNREACH after ~3 s, as CNIs that delete the
-    /// route and neighbour do) or `blackhole` (the cached neighbour entry stays: SYNs vanish).
+    /// (no neighbour entry left: EHOSTUNREACH after ~3 s, as on a bridge CNI such as flannel)
+    /// or `blackhole` (SYNs vanish: a bridge CNI with the entry still cached, Calico's blackhole
+    /// route). docs/lab.md says which CNI does which.
     #[arg(long, value_enum, default_value_t = DeadPod::Unreachable)]
     pub dead_pod: DeadPod,
     /// Pod creation → container start, on top of what the real work here costs: sandbox and
