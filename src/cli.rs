@@ -25,6 +25,9 @@ Environment:
   OTEL_RESOURCE_ATTRIBUTES             extra resource attributes k=v,k2=v2
   OTEL_TRACES_SAMPLER(_ARG)            always_on, traceidratio, parentbased_* ...
   OTEL_SDK_DISABLED                    true = no export
+  OTEL_BSP_SCHEDULE_DELAY              ms between span exports (5000); OTEL_BSP_MAX_QUEUE_SIZE
+                                       (2048 waiting, more are dropped and counted at exit),
+                                       OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512 per export)
   RUST_LOG                             log filter (wins over telemetry.log_level)";
 
 #[derive(Debug, Parser)]

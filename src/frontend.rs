@@ -13,10 +13,10 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::request_span::Attr;
 use crate::server::{self, Ctx, Listeners, Shared};
 use crate::telemetry::{self, RequestSpan, RequestTrace};
 use crate::upstream::{Outcome, Upstream};
-use opentelemetry::KeyValue;
 
 /// The backend's `/get-config` code, fetched once by `/startup` (shared across workers).
 #[derive(Default)]
@@ -121,7 +121,7 @@ fn respond(ctx: &Ctx, root: &RequestSpan, tid: Option<RequestTrace>, outcome: Ou
             HttpResponse::build(if ok { StatusCode::OK } else { resp.status }).json(answer)
         }
         Err(e) => {
-            root.set(KeyValue::new("error.type", e.kind.as_str()));
+            root.set(Attr::new("error.type", e.kind.as_str()));
             let (span_id, span_name) = root.log_ids();
             tracing::warn!(
                 trace_id = tid.as_ref().map(RequestTrace::hex),
@@ -132,13 +132,14 @@ fn respond(ctx: &Ctx, root: &RequestSpan, tid: Option<RequestTrace>, outcome: Ou
                 retries,
                 "backend call failed"
             );
-            root.event("backend call failed", || {
-                vec![
-                    KeyValue::new("error.type", e.kind.as_str()),
-                    KeyValue::new("detail", e.detail.clone()),
-                    KeyValue::new("retries", retries as i64),
-                ]
-            });
+            root.event(
+                "backend call failed",
+                &[
+                    Attr::new("error.type", e.kind.as_str()),
+                    Attr::new("detail", &e.detail),
+                    Attr::new("retries", retries as i64),
+                ],
+            );
             HttpResponse::build(e.status()).json(with_trace_id(
                 tid,
                 json!({

@@ -20,6 +20,7 @@ pub mod request_span;
 pub mod sampling;
 pub mod server;
 pub mod signals;
+pub mod span_queue;
 pub mod startup;
 pub mod telemetry;
 pub mod upstream;

@@ -5,7 +5,7 @@
 //! cost every request its fields' formatting although almost no request prints a line (measured:
 //! 26 k instructions per request, untraced). A line inside a span names it and its ids by looking
 //! the span up in the registry, where the OpenTelemetry layer keeps it (the lifecycle span). A
-//! request's spans are the SDK's own (`request_span`): its lines carry `trace_id`, `span_id` and
+//! request's spans are recorded by us (`request_span`), not `tracing` spans: its lines carry `trace_id`, `span_id` and
 //! `span.name` as fields.
 
 use std::fmt;

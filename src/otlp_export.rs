@@ -1,10 +1,11 @@
-//! The OTLP/HTTP (protobuf) span exporter behind the SDK's batch processor: each batch encoded by
-//! `otlp_wire` (a third of the stock exporter's instructions per span) and POSTed with reqwest's
-//! blocking client from the processor's own thread, never from a request's.
+//! Span exporters. OTLP/HTTP (protobuf): behind the SDK's batch processor (the lifecycle span)
+//! and behind `span_queue` (request spans); each batch encoded by `otlp_wire` and POSTed with
+//! reqwest's blocking client from the exporting thread, never from a request's. OTLP/gRPC: the
+//! stock exporter for the lifecycle span, `GrpcExporter` for request spans.
 //!
 //! As the stock exporter does: `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` are sent with every export,
 //! and a 429, 502, 503 or 504 answer or a failed connection is tried again with backoff while the
-//! export's time bound lasts. gRPC keeps the stock exporter.
+//! export's time bound lasts.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,9 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use crate::otlp_wire::Encoder;
 
@@ -49,7 +53,21 @@ impl HttpExporter {
         Ok(HttpExporter { url: url.to_string(), client, headers: map, timeout, encoder: Encoder::default() })
     }
 
+    /// The same exporter with `resource` in every batch (the SDK sets it through
+    /// `set_resource`; the request spans' queue has no SDK around it).
+    pub fn for_resource(mut self, resource: &Resource) -> HttpExporter {
+        self.encoder = Encoder::new(resource);
+        self
+    }
+
+    /// Sends spans recorded by `request_span` (their `ScopeSpans.spans` fields) under `scope`.
+    pub fn export_recorded(&self, scope: &str, spans: &[u8]) -> Result<(), String> {
+        self.post(self.encoder.encode_recorded(scope, spans)).map_err(|e| e.to_string())
+    }
+
     fn post(&self, body: Vec<u8>) -> OTelSdkResult {
+        // Shared, not copied, by each try.
+        let body = bytes::Bytes::from(body);
         let deadline = Instant::now() + self.timeout;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -89,6 +107,67 @@ impl SpanExporter for HttpExporter {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.encoder = Encoder::new(resource);
+    }
+}
+
+/// Recorded request spans over OTLP/gRPC: the batch decoded into opentelemetry-proto's request
+/// and sent with its tonic client, on a runtime of its own (tonic needs one; actix's
+/// current-thread runtimes cannot serve it). gRPC export is not the path the benchmark measures.
+pub struct GrpcExporter {
+    runtime: tokio::runtime::Runtime,
+    client: TraceServiceClient<tonic::transport::Channel>,
+    encoder: Encoder,
+    timeout: Duration,
+    metadata: Vec<(tonic::metadata::AsciiMetadataKey, tonic::metadata::AsciiMetadataValue)>,
+}
+
+impl GrpcExporter {
+    pub fn new(url: &str, resource: &Resource, timeout: Duration) -> anyhow::Result<GrpcExporter> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("OTLP/gRPC exporter for {url}: {e}"))?;
+        let channel = {
+            let _guard = runtime.enter();
+            tonic::transport::Channel::from_shared(url.to_string())
+                .map_err(|e| anyhow::anyhow!("OTLP/gRPC endpoint `{url}`: {e}"))?
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .connect_lazy()
+        };
+        let mut metadata = Vec::new();
+        if let Some((source, list)) = headers_from_env() {
+            for (k, v) in parse_headers(&list).map_err(|e| anyhow::anyhow!("{source}: {e}"))? {
+                let key = k.to_ascii_lowercase().parse().map_err(|_| anyhow::anyhow!("{source}: header name `{k}`"))?;
+                let value = v.parse().map_err(|_| anyhow::anyhow!("{source}: header `{k}`"))?;
+                metadata.push((key, value));
+            }
+        }
+        Ok(GrpcExporter {
+            runtime,
+            client: TraceServiceClient::new(channel),
+            encoder: Encoder::new(resource),
+            timeout,
+            metadata,
+        })
+    }
+
+    pub fn export_recorded(&self, scope: &str, spans: &[u8]) -> Result<(), String> {
+        use prost::Message;
+        let body = self.encoder.encode_recorded(scope, spans);
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(request);
+        for (k, v) in &self.metadata {
+            request.metadata_mut().insert(k.clone(), v.clone());
+        }
+        let mut client = self.client.clone();
+        self.runtime.block_on(async {
+            match tokio::time::timeout(self.timeout, client.export(request)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(s)) => Err(format!("gRPC {:?}: {}", s.code(), s.message())),
+                Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            }
+        })
     }
 }
 

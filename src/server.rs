@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::request_span::Attr;
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Extensions, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
-use opentelemetry::KeyValue;
 use serde_json::json;
 use tracing::Span;
 
@@ -171,8 +171,10 @@ async fn request_middleware(
     if let Some(conn) = req.conn_data::<ConnectionGuard>() {
         conn.request_started();
     }
-    let span = telemetry::start_request(&req, ctx.lifecycle.phase().as_str());
-    let outcome = lifecycle(ctx, req, next, &span).await;
+    // Matched once, for the span and the metrics (it walks the resource map and allocates).
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let span = telemetry::start_request(&req, &route, ctx.lifecycle.phase().as_str());
+    let outcome = lifecycle(ctx, req, next, &span, route).await;
     telemetry::end_request(&span, &outcome);
     outcome
 }
@@ -184,10 +186,10 @@ async fn lifecycle(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
     span: &RequestSpan,
+    route: String,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
     let trace = telemetry::request_trace(&req.extensions());
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let method = telemetry::method_label(req.method());
     let what = RequestLine { method: req.method().clone(), uri: req.uri().clone() };
     let _in_flight = ctx.lifecycle.track(span.clone(), what);
@@ -200,7 +202,7 @@ async fn lifecycle(
         let message = format!("request body not read: {e:?}");
         let (span_id, span_name) = span.log_ids();
         tracing::info!(status = status.as_u16(), route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), span_id, span.name = span_name, "{message}");
-        span.event(message, || vec![KeyValue::new("status", i64::from(status.as_u16()))]);
+        span.event(&message, &[Attr::new("status", i64::from(status.as_u16()))]);
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: status.as_u16() }).inc();
         let mut res = HttpResponse::build(status).json(json!({"status": "error", "error": format!("{e:?}")}));
         res.head_mut().set_connection_type(ConnectionType::Close);
@@ -214,18 +216,18 @@ async fn lifecycle(
         _ = request_bounds::client_gone(peer) => None,
     };
     let Some(result) = result else {
-        span.set(KeyValue::new("error.type", "client_disconnected"));
+        span.set(Attr::new("error.type", "client_disconnected"));
         let (span_id, span_name) = span.log_ids();
         tracing::info!(route = %route, trace_id = trace.as_ref().map(RequestTrace::hex), span_id, span.name = span_name, "client disconnected; request cancelled");
-        span.event("client disconnected; request cancelled", Vec::new);
+        span.event("client disconnected; request cancelled", &[]);
         ctx.metrics.requests.get_or_create(&RequestLabels { method, route, status: CLIENT_CLOSED }).inc();
         return Err(actix_web::error::ErrorBadRequest("client disconnected"));
     };
     let phase_end = ctx.lifecycle.phase();
     if span.is_recording() {
-        span.set(KeyValue::new("graceful.shutdown.phase_end", phase_end.as_str()));
+        span.set(Attr::new("graceful.shutdown.phase_end", phase_end.as_str()));
         if let Some(since) = ctx.lifecycle.since_signal() {
-            span.set(KeyValue::new("graceful.ms_since_sigterm", since.as_millis() as i64));
+            span.set(Attr::new("graceful.ms_since_sigterm", since.as_millis() as i64));
         }
     }
     let mut res = result?;
@@ -577,11 +579,11 @@ async fn drop_the_rest(ctx: &Ctx, handle: &ServerHandle, connections: usize) -> 
 /// Marks the server span of a request about to be dropped, and ends it now: its future will not
 /// get to end it.
 fn mark_dropped(span: &RequestSpan, error_type: &'static str, ms: i64, phase_end: Option<Phase>, why: &'static str) {
-    span.set(KeyValue::new("graceful.dropped", true));
-    span.set(KeyValue::new("error.type", error_type));
-    span.set(KeyValue::new("graceful.ms_since_sigterm", ms));
+    span.set(Attr::new("graceful.dropped", true));
+    span.set(Attr::new("error.type", error_type));
+    span.set(Attr::new("graceful.ms_since_sigterm", ms));
     if let Some(phase) = phase_end {
-        span.set(KeyValue::new("graceful.shutdown.phase_end", phase.as_str()));
+        span.set(Attr::new("graceful.shutdown.phase_end", phase.as_str()));
     }
     span.set_error(why);
     span.end();

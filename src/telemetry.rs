@@ -13,8 +13,8 @@ use std::time::Duration;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::HttpMessage;
-use opentelemetry::trace::{SpanKind, TracerProvider as _};
-use opentelemetry::{Context, KeyValue, StringValue, Value};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
@@ -26,9 +26,11 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use crate::identity::Identity;
+use crate::request_span::Attr;
 pub use crate::request_span::RequestSpan;
 pub use crate::sampling::RequestTrace;
 use crate::sampling::{self, HeadSampler};
+use crate::span_queue::{self, BatchConfig};
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Set with the provider: decides each request's sampling before its spans exist.
@@ -87,11 +89,12 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
-            crate::request_span::install(tracer.clone());
-            let _ = POD.set(StringValue::from(identity.pod_name.clone()));
+            span_queue::install(BatchConfig::from_env(), request_span_sink(role, cfg, identity, &target)?)?;
+            let _ = POD.set(identity.pod_name.clone());
             let _ = PROVIDER.set(provider);
             // The layer carries the `tracing` spans that remain (the process's lifecycle span and
-            // its events); a request's spans are the SDK's own (`request_span`). Per-span extras
+            // its events); a request's spans are recorded by `request_span` and sent through
+            // `span_queue`, beside the provider's batches, to the same endpoint. Per-span extras
             // (code location, thread, busy/idle timers, level, target) say nothing about where a
             // request died, and nothing reads an activated context.
             Some(
@@ -152,6 +155,30 @@ fn quiet_parse_errors(directives: &str) -> String {
 /// True when spans are exported (and so trace ids exist).
 pub fn enabled() -> bool {
     PROVIDER.get().is_some()
+}
+
+/// Where the request spans' batches go: the same endpoint and protocol as the provider's.
+fn request_span_sink(
+    role: &str,
+    cfg: &Config,
+    identity: &Identity,
+    target: &ExportTarget,
+) -> anyhow::Result<span_queue::Sink> {
+    let timeout = Duration::from_secs(5);
+    let resource = resource(role, cfg, identity);
+    Ok(match target.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let headers = crate::otlp_export::headers_from_env();
+            let headers = headers.as_ref().map(|(var, v)| (*var, v.as_str()));
+            let exporter =
+                crate::otlp_export::HttpExporter::new(&target.url, headers, timeout)?.for_resource(&resource);
+            Box::new(move |spans: &[u8]| exporter.export_recorded(crate::request_span::SCOPE, spans))
+        }
+        OtlpProtocol::Grpc => {
+            let exporter = crate::otlp_export::GrpcExporter::new(&target.url, &resource, timeout)?;
+            Box::new(move |spans: &[u8]| exporter.export_recorded(crate::request_span::SCOPE, spans))
+        }
+    })
 }
 
 fn build_provider(
@@ -235,6 +262,17 @@ pub fn parse_resource_attributes(s: &str) -> Vec<(String, String)> {
 
 /// Flushes and shuts the exporter down within `bound`, from a plain thread (never blocks forever).
 pub fn shutdown(bound: Duration) {
+    let started = std::time::Instant::now();
+    if let Some(queue) = span_queue::get() {
+        if !queue.close(bound) {
+            eprintln!("graceful: request spans still waiting for export after {bound:?}");
+        }
+        let counts = queue.counts();
+        if counts.dropped > 0 {
+            eprintln!("graceful: {} request spans dropped (export queue full)", counts.dropped);
+        }
+    }
+    let bound = bound.saturating_sub(started.elapsed());
     let Some(provider) = PROVIDER.get() else { return };
     let provider = provider.clone();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -267,7 +305,7 @@ pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> Vec<(HeaderNam
                     out.push((TRACESTATE, v));
                 }
             }
-            sampling::traceparent(&sc)
+            sampling::traceparent(sc)
         }
         (Some(head), Some(t), _) => head.unsampled_traceparent(&t),
         _ => return out,
@@ -283,7 +321,7 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The trace of the request being served (`None` when tracing is off).
 pub fn request_trace(extensions: &actix_web::dev::Extensions) -> Option<RequestTrace> {
-    extensions.get::<RequestTrace>().copied()
+    extensions.get::<RequestTelemetry>().map(|t| t.trace)
 }
 
 /// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
@@ -292,8 +330,8 @@ pub fn is_probe_path(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/alive" | "/metrics" | "/prestop") || path == "/health"
 }
 
-/// The pod's name as an attribute value, made once (every server span carries it).
-static POD: OnceLock<StringValue> = OnceLock::new();
+/// The pod's name, for every server span's `graceful.pod`.
+static POD: OnceLock<String> = OnceLock::new();
 
 /// The method as a `'static` string for the common ones: no allocation per request.
 pub fn method_label(method: &actix_web::http::Method) -> std::borrow::Cow<'static, str> {
@@ -310,47 +348,98 @@ pub fn method_label(method: &actix_web::http::Method) -> std::borrow::Cow<'stati
     }
 }
 
-/// The same, as a span attribute's value.
-pub fn method_value(method: &actix_web::http::Method) -> Value {
-    Value::from(method_label(method))
-}
-
 /// The server span of a sampled request: the attributes that say where a request died, in
 /// OpenTelemetry's semantic-convention names, under the caller's context. Leaner than
 /// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every
 /// attribute is paid for on every sampled request. What is known later is set then
 /// (`http.response.status_code`, `graceful.shutdown.phase_end`, `error.type`, ...).
-fn request_span(request: &ServiceRequest, phase: &'static str, parent: &Context) -> RequestSpan {
-    let route = request.match_pattern().unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method();
-    let name = format!("{method} {route}");
-    let mut attributes = Vec::with_capacity(12);
-    attributes.push(KeyValue::new("http.request.method", method_value(method)));
-    attributes.push(KeyValue::new("http.route", route));
-    attributes.push(KeyValue::new("url.path", request.path().to_string()));
-    if let Some(peer) = request.peer_addr() {
-        attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
-    }
-    attributes.push(KeyValue::new("graceful.shutdown.phase", phase));
-    if let Some(pod) = POD.get() {
-        attributes.push(KeyValue::new("graceful.pod", pod.clone()));
-    }
-    RequestSpan::start("HTTP request", name, SpanKind::Server, parent, attributes)
+fn request_span(request: &ServiceRequest, route: &str, phase: &'static str, parent: &SpanContext) -> RequestSpan {
+    let method = request.method().as_str();
+    let mut name = String::with_capacity(method.len() + 1 + route.len());
+    name.push_str(method);
+    name.push(' ');
+    name.push_str(route);
+    let mut peer = PeerText::default();
+    let mut attributes = [
+        Attr::new("http.request.method", method),
+        Attr::new("http.route", route),
+        Attr::new("url.path", request.path()),
+        Attr::new("graceful.shutdown.phase", phase),
+        Attr::new("graceful.pod", POD.get().map_or("", String::as_str)),
+        Attr::new("client.address", ""),
+    ];
+    let n = match request.peer_addr() {
+        Some(addr) => {
+            attributes[5] = Attr::new("client.address", peer.write(addr.ip()));
+            6
+        }
+        None => 5,
+    };
+    RequestSpan::start("HTTP request", name, SpanKind::Server, parent, &attributes[..n])
 }
 
-/// The request's server span, in its extensions for the handlers: their attempt spans are its
-/// children, their log lines name it.
-#[derive(Clone)]
-pub struct ServerSpan(pub RequestSpan);
+/// An IP address's text on the stack (no allocation per request).
+struct PeerText {
+    buf: [u8; 46],
+    len: usize,
+}
+
+impl Default for PeerText {
+    fn default() -> Self {
+        PeerText { buf: [0; 46], len: 0 }
+    }
+}
+
+impl PeerText {
+    /// IPv4 by hand: `Display` for an address costs ≈ 1 k instructions.
+    fn write(&mut self, ip: std::net::IpAddr) -> &str {
+        self.len = 0;
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.push(b'0' + octet / 10 % 10);
+                    }
+                    self.push(b'0' + octet % 10);
+                }
+            }
+            std::net::IpAddr::V6(_) => {
+                use std::io::Write;
+                let mut cur = std::io::Cursor::new(&mut self.buf[..]);
+                let _ = write!(cur, "{ip}");
+                self.len = cur.position() as usize;
+            }
+        }
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+}
+
+/// A request's trace and, when sampled, its server span: one entry in its extensions for the
+/// handlers (their attempt spans are the span's children, their log lines name it).
+struct RequestTelemetry {
+    trace: RequestTrace,
+    span: RequestSpan,
+}
 
 /// The server span of the request being served (none when it has none).
 pub fn server_span(extensions: &actix_web::dev::Extensions) -> RequestSpan {
-    extensions.get::<ServerSpan>().map(|s| s.0.clone()).unwrap_or_default()
+    extensions.get::<RequestTelemetry>().map(|t| t.span.clone()).unwrap_or_default()
 }
 
 /// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
 /// returns its server span (none when unsampled, for probe paths, and with tracing off).
-pub fn start_request(request: &ServiceRequest, phase: &'static str) -> RequestSpan {
+pub fn start_request(request: &ServiceRequest, route: &str, phase: &'static str) -> RequestSpan {
     if is_probe_path(request.path()) {
         return RequestSpan::none();
     }
@@ -362,14 +451,15 @@ pub fn start_request(request: &ServiceRequest, phase: &'static str) -> RequestSp
     if !decided.sampled {
         // No span at all: the trace id travels in the extensions, for the response header,
         // the bodies, the log lines and the next hop's traceparent.
-        request.extensions_mut().insert(decided);
+        request.extensions_mut().insert(RequestTelemetry { trace: decided, span: RequestSpan::none() });
         return RequestSpan::none();
     }
-    let span = request_span(request, phase, &parent);
-    // A root's trace id is the one the SDK gave its span (the decision's was only drawn on).
+    let parent_span = parent.span();
+    let span = request_span(request, route, phase, parent_span.span_context());
+    // A root's trace id is the one its span was given (the decision's was only drawn on).
     let trace_id = span.span_context().map(|sc| sc.trace_id()).unwrap_or(decided.trace_id);
-    request.extensions_mut().insert(RequestTrace::new(trace_id, true));
-    request.extensions_mut().insert(ServerSpan(span.clone()));
+    let trace = RequestTrace::new(trace_id, true);
+    request.extensions_mut().insert(RequestTelemetry { trace, span: span.clone() });
     span
 }
 
@@ -383,10 +473,10 @@ pub fn end_request<B>(span: &RequestSpan, outcome: &Result<ServiceResponse<B>, a
         Ok(res) => (res.status(), res.response().error().map(|e| e.as_response_error())),
         Err(e) => (e.as_response_error().status_code(), Some(e.as_response_error())),
     };
-    span.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+    span.set(Attr::new("http.response.status_code", i64::from(status.as_u16())));
     if let Some(e) = error {
-        span.set(KeyValue::new("exception.message", e.to_string()));
-        span.set(KeyValue::new("exception.details", format!("{e:?}")));
+        span.set(Attr::new("exception.message", &e.to_string()));
+        span.set(Attr::new("exception.details", &format!("{e:?}")));
     }
     let failed = status.is_server_error() || (error.is_some() && !status.is_client_error());
     if failed {
@@ -420,6 +510,14 @@ mod tests {
         tracing::subscriber::with_default(with_none, || {
             assert!(!tracing::info_span!("HTTP request", http.route = "/api/data").is_disabled());
         });
+    }
+
+    #[test]
+    fn peer_text_writes_addresses_as_display_does() {
+        for ip in ["0.0.0.0", "10.244.0.12", "127.0.0.1", "255.255.255.255", "1.20.100.9", "::1", "fd00::a:1"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(PeerText::default().write(ip), ip.to_string());
+        }
     }
 
     #[test]

@@ -14,10 +14,10 @@ use url::Url;
 
 use crate::config::{Config, ResolveRule};
 use crate::metrics::{AttemptLabels, Metrics};
+use crate::request_span::Attr;
 use crate::server::POD_HEADER;
 use crate::telemetry::{self, RequestSpan, RequestTrace};
 use opentelemetry::trace::SpanKind;
-use opentelemetry::KeyValue;
 
 /// Re-exported through actix so we don't pin another `bytes`.
 mod bytes_compat {
@@ -125,6 +125,8 @@ struct Target {
     host: String,
     port: u16,
     addr: Option<SocketAddr>,
+    /// `addr` as a span attribute's text.
+    addr_text: Option<String>,
 }
 
 impl Target {
@@ -132,7 +134,8 @@ impl Target {
         let host = base.host_str().unwrap_or("").to_ascii_lowercase();
         let port = base.port_or_known_default().unwrap_or(80);
         let addr = resolve.iter().find(|r| r.host == host && r.port == port).map(|r| r.addr);
-        Target { origin: base[..url::Position::BeforePath].to_string(), host, port, addr }
+        let addr_text = addr.map(|a| a.to_string());
+        Target { origin: base[..url::Position::BeforePath].to_string(), host, port, addr, addr_text }
     }
 
     /// The URL of `path_and_query` (absolute: it starts with `/`), without parsing a URL again.
@@ -238,13 +241,14 @@ impl Upstream {
                             backoff_ms,
                             "retry"
                         );
-                        parent.event("retry", || {
-                            vec![
-                                KeyValue::new("error.type", e.kind.as_str()),
-                                KeyValue::new("attempt", attempt),
-                                KeyValue::new("backoff_ms", backoff_ms),
-                            ]
-                        });
+                        parent.event(
+                            "retry",
+                            &[
+                                Attr::new("error.type", e.kind.as_str()),
+                                Attr::new("attempt", attempt),
+                                Attr::new("backoff_ms", backoff_ms),
+                            ],
+                        );
                     })
                     .await
             } else {
@@ -282,21 +286,21 @@ impl Upstream {
         let result = self.send(method, url, addr, body, &span, trace).await;
         cancelled.finished = true;
         if span.is_recording() {
-            span.set(KeyValue::new("duration_ms", started.elapsed().as_millis() as i64));
+            span.set(Attr::new("duration_ms", started.elapsed().as_millis() as i64));
         }
         match &result {
             Ok(resp) if span.is_recording() => {
-                span.set(KeyValue::new("http.response.status_code", i64::from(resp.status.as_u16())));
+                span.set(Attr::new("http.response.status_code", i64::from(resp.status.as_u16())));
                 if let Some(pod) = &resp.pod {
-                    span.set(KeyValue::new("graceful.peer.pod", pod.clone()));
+                    span.set(Attr::new("graceful.peer.pod", pod));
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                span.set(KeyValue::new("error.type", e.kind.as_str()));
+                span.set(Attr::new("error.type", e.kind.as_str()));
                 span.set_error("");
                 if let Some(s) = e.status {
-                    span.set(KeyValue::new("http.response.status_code", i64::from(s)));
+                    span.set(Attr::new("http.response.status_code", i64::from(s)));
                 }
                 let (span_id, span_name) = span.log_ids();
                 tracing::warn!(
@@ -307,9 +311,10 @@ impl Upstream {
                     detail = %e.detail,
                     "upstream attempt failed"
                 );
-                span.event("upstream attempt failed", || {
-                    vec![KeyValue::new("error.type", e.kind.as_str()), KeyValue::new("detail", e.detail.clone())]
-                });
+                span.event(
+                    "upstream attempt failed",
+                    &[Attr::new("error.type", e.kind.as_str()), Attr::new("detail", &e.detail)],
+                );
             }
         }
         span.end();
@@ -376,18 +381,20 @@ fn attempt_span(
         return RequestSpan::none();
     }
     let path = path_and_query.split('?').next().unwrap_or(path_and_query);
-    parent.child("upstream attempt", format!("{method} {path}"), SpanKind::Client, || {
-        let mut attributes = Vec::with_capacity(11);
-        attributes.push(KeyValue::new("http.request.method", telemetry::method_value(method)));
-        attributes.push(KeyValue::new("url.full", url.to_string()));
-        attributes.push(KeyValue::new("server.address", target.host.clone()));
-        attributes.push(KeyValue::new("server.port", i64::from(target.port)));
-        if let Some(addr) = target.addr {
-            attributes.push(KeyValue::new("network.peer.address", addr.to_string()));
-        }
-        attributes.push(KeyValue::new("http.request.resend_count", resend as i64));
-        attributes
-    })
+    let attributes = [
+        Attr::new("http.request.method", method.as_str()),
+        Attr::new("url.full", url),
+        Attr::new("server.address", &target.host),
+        Attr::new("server.port", i64::from(target.port)),
+        Attr::new("http.request.resend_count", resend as i64),
+        Attr::new("network.peer.address", target.addr_text.as_deref().unwrap_or_default()),
+    ];
+    let n = if target.addr_text.is_some() { 6 } else { 5 };
+    let mut name = String::with_capacity(method.as_str().len() + 1 + path.len());
+    name.push_str(method.as_str());
+    name.push(' ');
+    name.push_str(path);
+    parent.child("upstream attempt", name, SpanKind::Client, &attributes[..n])
 }
 
 /// The overall deadline cancels an attempt by dropping its future: the attempt span must still
@@ -401,8 +408,8 @@ struct CancelledAttempt<'a> {
 impl Drop for CancelledAttempt<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.span.set(KeyValue::new("duration_ms", self.started.elapsed().as_millis() as i64));
-            self.span.set(KeyValue::new("error.type", ErrorType::DeadlineExceeded.as_str()));
+            self.span.set(Attr::new("duration_ms", self.started.elapsed().as_millis() as i64));
+            self.span.set(Attr::new("error.type", ErrorType::DeadlineExceeded.as_str()));
             self.span.set_error("");
             self.span.end();
         }

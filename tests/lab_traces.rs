@@ -244,7 +244,10 @@ fn the_environment_forwards_over_grpc() {
 #[test]
 fn a_dead_endpoint_is_counted_and_does_not_fail_the_lab() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Held (bound, never listening) for the whole run, so no other test's server can take it.
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = holder.local_addr().unwrap().as_socket().unwrap().port();
     let endpoint = format!("http://127.0.0.1:{port}");
     let (run, output) =
         run_lab(dir.path(), "solution", &["--otlp-forward", &endpoint, "--expect-clean", "solution"], &[]);

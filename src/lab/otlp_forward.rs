@@ -372,8 +372,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_endpoint_is_counted_not_waited_for() {
-        // A port nobody listens on: bound, then released.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // A port nobody listens on, held (bound, never listening) for the whole test: a port
+        // bound and released could be taken by another test's server meanwhile (seen in CI: the
+        // forwarder reached an HTTP server that was not the lab's).
+        let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        holder.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        let port = holder.local_addr().unwrap().as_socket().unwrap().port();
         let target = ForwardTarget::parse(&format!("http://127.0.0.1:{port}"), Protocol::HttpProtobuf).unwrap();
         let forwarder = Forwarder::start(target);
         let run = forwarder.begin_run();
