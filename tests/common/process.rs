@@ -37,6 +37,8 @@ pub struct Process {
     pub log: Arc<Mutex<Log>>,
     serving: Receiver<String>,
     exit: Option<(ExitStatus, SystemTime)>,
+    /// The output readers: after an exit their last lines are awaited (bounded).
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -46,14 +48,15 @@ impl Process {
         let mut child = cmd.spawn()?;
         let log = Arc::new(Mutex::new(Log::default()));
         let (tx, serving) = mpsc::channel();
+        let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            pump(out, "", log.clone(), Some(tx));
+            pumps.push(pump(out, "", log.clone(), Some(tx)));
         }
         if let Some(err) = child.stderr.take() {
-            pump(err, "stderr: ", log.clone(), None);
+            pumps.push(pump(err, "stderr: ", log.clone(), None));
         }
         let pid = child.id() as i32;
-        Ok(Process { child, pid, log, serving, exit: None })
+        Ok(Process { child, pid, log, serving, exit: None, pumps })
     }
 
     /// Waits for the `serving` line (woken by the log reader, not polled). Errors when the
@@ -94,11 +97,22 @@ impl Process {
             match self.child.try_wait() {
                 Ok(Some(st)) => {
                     self.exit = Some((st, SystemTime::now()));
+                    self.await_last_lines();
                     return self.exit;
                 }
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(100)),
                 _ => return None,
             }
+        }
+    }
+
+    /// The process has exited, but its last lines may still sit in the pipes: wait (at most
+    /// 2 s: a child it left behind may hold them open) until the readers reach the end. Seen in
+    /// CI: an exit observed before its `drained` line had been read.
+    fn await_last_lines(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -142,7 +156,12 @@ impl Drop for Process {
 
 /// Reads lines into the log; the first `serving` line that names the listeners also goes to
 /// `serving` (dropping the sender when the output ends tells the waiter the process is gone).
-fn pump<R: Read + Send + 'static>(r: R, prefix: &'static str, log: Arc<Mutex<Log>>, serving: Option<Sender<String>>) {
+fn pump<R: Read + Send + 'static>(
+    r: R,
+    prefix: &'static str,
+    log: Arc<Mutex<Log>>,
+    serving: Option<Sender<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut serving = serving;
         for line in BufReader::new(r).lines() {
@@ -159,5 +178,5 @@ fn pump<R: Read + Send + 'static>(r: R, prefix: &'static str, log: Arc<Mutex<Log
                 log.dropped += 1;
             }
         }
-    });
+    })
 }
