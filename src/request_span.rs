@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 
 pub use crate::otlp_wire::AttrValue;
 use crate::otlp_wire::{put_attr, put_event, RecordedSpan};
@@ -100,20 +101,22 @@ impl RequestSpan {
         RequestSpan { live: None, kind_name: "" }
     }
 
-    /// A span under `parent` (the caller's remote span context, or an invalid one for a root).
-    /// None when no export queue is installed (tracing off).
+    /// A span of trace `trace_id` (the one its sampling was decided on: the caller's, or a new
+    /// one for a root) under `parent` (the caller's remote span context, or an invalid one for a
+    /// root). None when no export queue is installed (tracing off).
     pub fn start(
         kind_name: &'static str,
         name: impl Into<Cow<'static, str>>,
         kind: SpanKind,
+        trace_id: TraceId,
         parent: &SpanContext,
         attributes: &[Attr<'_>],
     ) -> RequestSpan {
         if span_queue::get().is_none() {
             return RequestSpan::none();
         }
-        let trace_id = if parent.is_valid() { parent.trace_id() } else { new_trace_id() };
-        let cx = SpanContext::new(trace_id, new_span_id(), TraceFlags::SAMPLED, false, parent.trace_state().clone());
+        let span_id = RandomIdGenerator::default().new_span_id();
+        let cx = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, parent.trace_state().clone());
         let mut encoded = Vec::with_capacity(384);
         for a in attributes {
             put_attr(&mut encoded, 9, a.key, a.value);
@@ -144,7 +147,7 @@ impl RequestSpan {
         attributes: &[Attr<'_>],
     ) -> RequestSpan {
         match &self.live {
-            Some(live) => RequestSpan::start(kind_name, name, kind, &live.cx, attributes),
+            Some(live) => RequestSpan::start(kind_name, name, kind, live.cx.trace_id(), &live.cx, attributes),
             None => RequestSpan::none(),
         }
     }
@@ -240,22 +243,13 @@ impl Drop for Live {
     }
 }
 
-fn new_trace_id() -> TraceId {
-    loop {
-        let id: u128 = rand::random();
-        if id != 0 {
-            return TraceId::from(id);
-        }
-    }
-}
-
-fn new_span_id() -> SpanId {
-    loop {
-        let id: u64 = rand::random();
-        if id != 0 {
-            return SpanId::from(id);
-        }
-    }
+/// A span's name as OpenTelemetry's HTTP conventions have it: `{method} {route or path}`.
+pub fn http_span_name(method: &str, target: &str) -> String {
+    let mut name = String::with_capacity(method.len() + 1 + target.len());
+    name.push_str(method);
+    name.push(' ');
+    name.push_str(target);
+    name
 }
 
 impl std::fmt::Debug for RequestSpan {
@@ -331,6 +325,7 @@ mod tests {
             "HTTP request",
             "GET /api/data",
             SpanKind::Server,
+            caller.trace_id(),
             &caller,
             &[Attr::new("url.path", &path), Attr::new("server.port", 8080_i64), Attr::new("graceful.dropped", false)],
         );
@@ -376,11 +371,14 @@ mod tests {
     }
 
     #[test]
-    fn a_root_gets_a_new_trace_and_no_parent() {
+    fn a_root_keeps_the_decided_trace_and_has_no_parent() {
         let rx = exported().lock().unwrap();
-        let root = RequestSpan::start("HTTP request", "GET /", SpanKind::Server, &SpanContext::empty_context(), &[]);
+        let trace_id = RandomIdGenerator::default().new_trace_id();
+        let root =
+            RequestSpan::start("HTTP request", "GET /", SpanKind::Server, trace_id, &SpanContext::empty_context(), &[]);
         let sc = root.span_context().unwrap().clone();
         assert!(sc.is_valid() && sc.is_sampled());
+        assert_eq!(sc.trace_id(), trace_id, "the trace its sampling was decided on");
         assert!(!RequestSpan::none().is_recording());
         assert!(!RequestSpan::none().child("x", "x", SpanKind::Client, &[]).is_recording());
         drop(root);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::HttpMessage;
-use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -26,8 +26,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use crate::identity::Identity;
-use crate::request_span::Attr;
 pub use crate::request_span::RequestSpan;
+use crate::request_span::{http_span_name, Attr};
 pub use crate::sampling::RequestTrace;
 use crate::sampling::{self, HeadSampler};
 use crate::span_queue::{self, BatchConfig};
@@ -85,11 +85,12 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
     };
     let otel = match export_target(cfg) {
         Some(target) => {
-            let provider = build_provider(role, cfg, identity, &target)?;
+            let resource = resource(role, cfg, identity);
+            let provider = build_provider(&resource, &target)?;
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
-            span_queue::install(BatchConfig::from_env(), request_span_sink(role, cfg, identity, &target)?)?;
+            span_queue::install(BatchConfig::from_env(), request_span_sink(&resource, &target)?)?;
             let _ = POD.set(identity.pod_name.clone());
             let _ = PROVIDER.set(provider);
             // The layer carries the `tracing` spans that remain (the process's lifecycle span and
@@ -158,42 +159,33 @@ pub fn enabled() -> bool {
 }
 
 /// Where the request spans' batches go: the same endpoint and protocol as the provider's.
-fn request_span_sink(
-    role: &str,
-    cfg: &Config,
-    identity: &Identity,
-    target: &ExportTarget,
-) -> anyhow::Result<span_queue::Sink> {
-    let timeout = Duration::from_secs(5);
-    let resource = resource(role, cfg, identity);
+fn request_span_sink(resource: &Resource, target: &ExportTarget) -> anyhow::Result<span_queue::Sink> {
+    let timeout = EXPORT_TIMEOUT;
     Ok(match target.protocol {
         OtlpProtocol::HttpProtobuf => {
             let headers = crate::otlp_export::headers_from_env();
             let headers = headers.as_ref().map(|(var, v)| (*var, v.as_str()));
-            let exporter =
-                crate::otlp_export::HttpExporter::new(&target.url, headers, timeout)?.for_resource(&resource);
+            let exporter = crate::otlp_export::HttpExporter::new(&target.url, headers, timeout)?.for_resource(resource);
             Box::new(move |spans: &[u8]| exporter.export_recorded(crate::request_span::SCOPE, spans))
         }
         OtlpProtocol::Grpc => {
-            let exporter = crate::otlp_export::GrpcExporter::new(&target.url, &resource, timeout)?;
+            let exporter = crate::otlp_export::GrpcExporter::new(&target.url, resource, timeout)?;
             Box::new(move |spans: &[u8]| exporter.export_recorded(crate::request_span::SCOPE, spans))
         }
     })
 }
 
-fn build_provider(
-    role: &str,
-    cfg: &Config,
-    identity: &Identity,
-    target: &ExportTarget,
-) -> anyhow::Result<SdkTracerProvider> {
+/// Bounds one export, its retries included (both exporters).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn build_provider(resource: &Resource, target: &ExportTarget) -> anyhow::Result<SdkTracerProvider> {
     use opentelemetry_otlp::{SpanExporter, WithExportConfig};
-    let timeout = Duration::from_secs(5);
+    let timeout = EXPORT_TIMEOUT;
     let builder = SdkTracerProvider::builder()
         // Sampling was decided before the span was built (`sampling::HeadSampler`, from the same
         // configuration): what reaches the provider is exported.
         .with_sampler(Sampler::AlwaysOn)
-        .with_resource(resource(role, cfg, identity));
+        .with_resource(resource.clone());
     let builder = match target.protocol {
         OtlpProtocol::HttpProtobuf => {
             let headers = crate::otlp_export::headers_from_env();
@@ -353,12 +345,14 @@ pub fn method_label(method: &actix_web::http::Method) -> std::borrow::Cow<'stati
 /// tracing-actix-web's default (no request id, no duplicated pre-1.0 `http.*` names): every
 /// attribute is paid for on every sampled request. What is known later is set then
 /// (`http.response.status_code`, `graceful.shutdown.phase_end`, `error.type`, ...).
-fn request_span(request: &ServiceRequest, route: &str, phase: &'static str, parent: &SpanContext) -> RequestSpan {
+fn request_span(
+    request: &ServiceRequest,
+    route: &str,
+    phase: &'static str,
+    trace_id: TraceId,
+    parent: &SpanContext,
+) -> RequestSpan {
     let method = request.method().as_str();
-    let mut name = String::with_capacity(method.len() + 1 + route.len());
-    name.push_str(method);
-    name.push(' ');
-    name.push_str(route);
     let mut peer = PeerText::default();
     let mut attributes = [
         Attr::new("http.request.method", method),
@@ -375,7 +369,8 @@ fn request_span(request: &ServiceRequest, route: &str, phase: &'static str, pare
         }
         None => 5,
     };
-    RequestSpan::start("HTTP request", name, SpanKind::Server, parent, &attributes[..n])
+    let name = http_span_name(method, route);
+    RequestSpan::start("HTTP request", name, SpanKind::Server, trace_id, parent, &attributes[..n])
 }
 
 /// An IP address's text on the stack (no allocation per request).
@@ -454,12 +449,10 @@ pub fn start_request(request: &ServiceRequest, route: &str, phase: &'static str)
         request.extensions_mut().insert(RequestTelemetry { trace: decided, span: RequestSpan::none() });
         return RequestSpan::none();
     }
+    // The span carries the trace its sampling was decided on (a root's new id included).
     let parent_span = parent.span();
-    let span = request_span(request, route, phase, parent_span.span_context());
-    // A root's trace id is the one its span was given (the decision's was only drawn on).
-    let trace_id = span.span_context().map(|sc| sc.trace_id()).unwrap_or(decided.trace_id);
-    let trace = RequestTrace::new(trace_id, true);
-    request.extensions_mut().insert(RequestTelemetry { trace, span: span.clone() });
+    let span = request_span(request, route, phase, decided.trace_id, parent_span.span_context());
+    request.extensions_mut().insert(RequestTelemetry { trace: decided, span: span.clone() });
     span
 }
 

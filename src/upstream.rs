@@ -390,10 +390,7 @@ fn attempt_span(
         Attr::new("network.peer.address", target.addr_text.as_deref().unwrap_or_default()),
     ];
     let n = if target.addr_text.is_some() { 6 } else { 5 };
-    let mut name = String::with_capacity(method.as_str().len() + 1 + path.len());
-    name.push_str(method.as_str());
-    name.push(' ');
-    name.push_str(path);
+    let name = crate::request_span::http_span_name(method.as_str(), path);
     parent.child("upstream attempt", name, SpanKind::Client, &attributes[..n])
 }
 
