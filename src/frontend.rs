@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use actix_web::http::{Method, StatusCode};
-use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -48,18 +47,14 @@ pub fn run(config: Config) -> ExitCode {
     })
 }
 
-fn request_trace(req: &HttpRequest) -> Option<RequestTrace> {
-    telemetry::request_trace(&req.extensions())
-}
-
 async fn proxy_data(ctx: Shared, upstream: web::Data<Upstream>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let path = match req.uri().query() {
         Some(q) => format!("/api/data?{q}"),
         None => "/api/data".to_string(),
     };
     let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
-    let trace = request_trace(&req);
-    let root = telemetry::server_span(&req.extensions());
+    let trace = telemetry::request_trace();
+    let root = telemetry::server_span();
     let outcome = upstream.call(method, &path, body, &ctx.metrics, trace, &root).await;
     respond(&ctx, &root, trace, outcome)
 }
@@ -155,17 +150,12 @@ fn respond(ctx: &Ctx, root: &RequestSpan, tid: Option<RequestTrace>, outcome: Ou
     }
 }
 
-async fn startup(
-    ctx: Shared,
-    upstream: web::Data<Upstream>,
-    cache: web::Data<StartupCache>,
-    req: HttpRequest,
-) -> HttpResponse {
+async fn startup(ctx: Shared, upstream: web::Data<Upstream>, cache: web::Data<StartupCache>) -> HttpResponse {
     if let Some(code) = cache.code.lock().unwrap().clone() {
         return HttpResponse::Ok().json(json!({"status": "started", "code": code}));
     }
-    let trace = request_trace(&req);
-    let root = telemetry::server_span(&req.extensions());
+    let trace = telemetry::request_trace();
+    let root = telemetry::server_span();
     let outcome = upstream.call(Method::GET, "/get-config", web::Bytes::new(), &ctx.metrics, trace, &root).await;
     let code = outcome.result.as_ref().ok().and_then(|r| {
         serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| v.get("code")?.as_str().map(str::to_string))

@@ -9,120 +9,177 @@
 
 use std::str::FromStr;
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState};
-use opentelemetry::Context;
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample};
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 
 use crate::config::Config;
 
-/// The sampler `telemetry.sampler` / `telemetry.sampler_arg` name, as the SDK implements it.
-pub fn configured(cfg: &Config) -> Sampler {
-    let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
-    match cfg.telemetry.sampler.as_str() {
-        "always_on" => Sampler::AlwaysOn,
-        "always_off" => Sampler::AlwaysOff,
-        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
-        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
-        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
-        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+/// The configured sampler's rule, decided on plain values. The SDK's `should_sample` needs an
+/// OpenTelemetry `Context` for the parent (an allocation) and returns a trace state and an
+/// attribute list (more), on every request, sampled or not; these rules are the SDK's own,
+/// written out (tested against it), for the four names `configured` maps.
+#[derive(Clone, Debug, PartialEq)]
+enum Rule {
+    AlwaysOn,
+    AlwaysOff,
+    /// Sampled when the trace id's low 63 bits fall under `bound` (the SDK's ratio rule).
+    Ratio {
+        all: bool,
+        bound: u64,
+    },
+    /// The caller's flag when there is a caller, else the root rule.
+    ParentBased(Box<Rule>),
+}
+
+impl Rule {
+    fn configured(cfg: &Config) -> Rule {
+        let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
+        let by_ratio = Rule::Ratio { all: ratio >= 1.0, bound: (ratio.max(0.0) * (1u64 << 63) as f64) as u64 };
+        match cfg.telemetry.sampler.as_str() {
+            "always_on" => Rule::AlwaysOn,
+            "always_off" => Rule::AlwaysOff,
+            "traceidratio" => by_ratio,
+            "parentbased_always_off" => Rule::ParentBased(Box::new(Rule::AlwaysOff)),
+            "parentbased_traceidratio" => Rule::ParentBased(Box::new(by_ratio)),
+            _ => Rule::ParentBased(Box::new(Rule::AlwaysOn)),
+        }
+    }
+
+    /// `caller_sampled`: the caller's sampled flag, when a valid caller context came in.
+    fn samples(&self, caller_sampled: Option<bool>, trace_id: TraceId) -> bool {
+        match self {
+            Rule::AlwaysOn => true,
+            Rule::AlwaysOff => false,
+            Rule::Ratio { all, bound } => {
+                let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or_default());
+                *all || low >> 1 < *bound
+            }
+            Rule::ParentBased(root) => caller_sampled.unwrap_or_else(|| root.samples(None, trace_id)),
+        }
     }
 }
 
-/// Decides, with the SDK's own sampler, before a span exists. The tracer provider itself then
-/// samples everything it is given (`AlwaysOn`): every span it sees was already chosen here.
+/// Decides before a span exists. The tracer provider itself then samples everything it is given
+/// (`AlwaysOn`): every span it sees was already chosen here.
 #[derive(Debug)]
 pub struct HeadSampler {
-    sampler: Sampler,
+    rule: Rule,
     ids: RandomIdGenerator,
 }
 
 impl HeadSampler {
-    pub fn new(sampler: Sampler) -> Self {
-        HeadSampler { sampler, ids: RandomIdGenerator::default() }
+    pub fn new(cfg: &Config) -> Self {
+        HeadSampler { rule: Rule::configured(cfg), ids: RandomIdGenerator::default() }
     }
 
-    /// `parent`: the caller's context as extracted from its headers (it may hold no span).
-    pub fn decide(&self, parent: &Context, name: &str, kind: SpanKind) -> RequestTrace {
-        let span = parent.span();
-        let caller = span.span_context();
-        let trace_id = if caller.is_valid() { caller.trace_id() } else { self.ids.new_trace_id() };
-        let result = self.sampler.should_sample(Some(parent), trace_id, name, &kind, &[], &[]);
-        RequestTrace::new(trace_id, result.decision == SamplingDecision::RecordAndSample)
+    /// `caller`: the caller's context as read from its `traceparent` (none: a new trace).
+    pub fn decide(&self, caller: Option<&Caller>) -> RequestTrace {
+        match caller {
+            Some(c) => RequestTrace::new(c.trace_id, self.rule.samples(Some(c.flags.is_sampled()), c.trace_id)),
+            None => {
+                let trace_id = self.ids.new_trace_id();
+                RequestTrace::new(trace_id, self.rule.samples(None, trace_id))
+            }
+        }
     }
 
     /// A span with no caller (the process's lifecycle span).
-    pub fn decide_root(&self, name: &str) -> bool {
-        self.decide(&Context::new(), name, SpanKind::Internal).sampled
+    pub fn decide_root(&self) -> bool {
+        self.decide(None).sampled
     }
 
     /// `traceparent` for a call made by an unsampled request (W3C version 00): its trace id, a
     /// fresh parent id (no span of ours has it; the next hop sees a parent that was not recorded,
     /// as with the SDK's non-recording spans), the sampled flag off. Written from the request's
-    /// hex digits, not through a Context and the propagator's formatting, on every such call.
-    pub fn unsampled_traceparent(&self, trace: &RequestTrace) -> String {
-        let mut parent = [0u8; 16];
-        hex_into(&self.ids.new_span_id().to_bytes(), &mut parent);
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        out.push_str(trace.hex());
-        out.push('-');
-        out.push_str(std::str::from_utf8(&parent).unwrap_or_default());
-        out.push_str("-00");
+    /// hex digits on the stack, on every such call.
+    pub fn unsampled_traceparent(&self, trace: &RequestTrace) -> [u8; 55] {
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        out[3..35].copy_from_slice(&trace.hex);
+        out[35] = b'-';
+        hex_into(&self.ids.new_span_id().to_bytes(), &mut out[36..52]);
+        out[52..].copy_from_slice(b"-00");
         out
     }
 }
 
-/// The caller's context from its W3C `traceparent` (and `tracestate`), read by the letter of the
-/// spec: `version-traceid-parentid-flags`, lowercase hex of exactly 2, 32, 16 and 2 digits, ids
-/// not all zero, version `ff` refused, and a later version's extra fields ignored. An empty
-/// context when there is none or it is malformed (the request then starts a trace of its own).
-/// Not the SDK's propagator: it splits into a `Vec`, parses each part through `from_str_radix`
-/// and costs ~4 k instructions on every request, sampled or not.
-pub fn caller_context(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
-    match traceparent.and_then(|tp| parse_traceparent(tp.trim())) {
-        Some((trace_id, span_id, flags)) => {
-            // A malformed tracestate is dropped, the traceparent still holds (as the SDK does).
-            let state = tracestate.and_then(|s| TraceState::from_str(s).ok()).unwrap_or_default();
-            Context::new().with_remote_span_context(SpanContext::new(trace_id, span_id, flags, true, state))
+/// The caller's trace context, as its W3C `traceparent` carried it (always remote).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// Only `sampled` is kept; other flags are cleared.
+    pub flags: TraceFlags,
+}
+
+impl Caller {
+    /// Reads a `traceparent` by the letter of the spec: `version-traceid-parentid-flags`,
+    /// lowercase hex of exactly 2, 32, 16 and 2 digits, ids not all zero, version `ff` refused,
+    /// and a later version's extra fields ignored. None when there is none or it is malformed
+    /// (the request then starts a trace of its own). From the header's bytes, through a table:
+    /// the SDK's propagator splits into a `Vec` and parses each part with `from_str_radix`, ~4 k
+    /// instructions on every request, sampled or not.
+    pub fn read(traceparent: Option<&[u8]>) -> Option<Caller> {
+        let b = traceparent?.trim_ascii();
+        if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+            return None;
         }
-        None => Context::new(),
+        let version = hex_u64(&b[0..2])?;
+        // Version 00 is exactly 55 characters; a later one may add fields after a dash.
+        if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
+            return None;
+        }
+        let (high, low) = (hex_u64(&b[3..19])?, hex_u64(&b[19..35])?);
+        let span_id = hex_u64(&b[36..52])?;
+        let flags = hex_u64(&b[53..55])? as u8;
+        if (high | low) == 0 || span_id == 0 {
+            return None;
+        }
+        Some(Caller {
+            trace_id: TraceId::from(u128::from(high) << 64 | u128::from(low)),
+            span_id: SpanId::from(span_id),
+            flags: TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        })
+    }
+
+    /// As a parent span context, with the caller's `tracestate` (a malformed one is dropped and
+    /// the traceparent still holds, as the SDK does). Built only for sampled requests.
+    pub fn span_context(&self, tracestate: Option<&str>) -> SpanContext {
+        let state = tracestate.and_then(|s| TraceState::from_str(s).ok()).unwrap_or_default();
+        SpanContext::new(self.trace_id, self.span_id, self.flags, true, state)
     }
 }
 
-fn parse_traceparent(tp: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
-    let b = tp.as_bytes();
-    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
-        return None;
+/// Each byte's hex value, or 0xff for anything but `0-9a-f` (the spec refuses uppercase).
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-    let version = hex_u128(&b[0..2])? as u8;
-    // Version 00 is exactly 55 characters; a later one may add fields after a dash.
-    if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
-        return None;
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
     }
-    let trace_id = hex_u128(&b[3..35])?;
-    let span_id = hex_u128(&b[36..52])? as u64;
-    let flags = hex_u128(&b[53..55])? as u8;
-    if trace_id == 0 || span_id == 0 {
-        return None;
-    }
-    // Flags other than `sampled` are accepted and cleared.
-    Some((TraceId::from(trace_id), SpanId::from(span_id), TraceFlags::new(flags) & TraceFlags::SAMPLED))
-}
+    t
+};
 
-/// Lowercase hex digits only (the spec refuses uppercase); at most 32 of them.
-fn hex_u128(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |acc, d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        Some(acc << 4 | u128::from(v))
-    })
+/// At most 16 lowercase hex digits; no branch per digit.
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    let mut acc = 0u64;
+    let mut bad = 0u8;
+    for &d in digits {
+        let v = HEX_VALUE[usize::from(d)];
+        bad |= v;
+        acc = acc << 4 | u64::from(v & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(acc)
 }
 
 /// `traceparent` (version 00) naming `sc` as the parent.
-pub fn traceparent(sc: &SpanContext) -> String {
+pub fn traceparent(sc: &SpanContext) -> [u8; 55] {
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
     hex_into(&sc.trace_id().to_bytes(), &mut out[3..35]);
@@ -130,7 +187,7 @@ pub fn traceparent(sc: &SpanContext) -> String {
     hex_into(&sc.span_id().to_bytes(), &mut out[36..52]);
     out[52] = b'-';
     hex_into(&[sc.trace_flags().to_u8()], &mut out[53..55]);
-    String::from_utf8(out.to_vec()).unwrap_or_default()
+    out
 }
 
 /// Lowercase hex of `bytes` into `out` (twice as long): ids are formatted on every request, and
@@ -169,32 +226,77 @@ impl RequestTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+    use opentelemetry::trace::{SpanKind, TraceContextExt};
+    use opentelemetry::Context;
+    use opentelemetry_sdk::trace::{Sampler, SamplingDecision, ShouldSample};
 
-    fn caller(sampled: bool) -> Context {
-        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-        let sc = SpanContext::new(
-            TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
-            SpanId::from(7),
-            flags,
-            true,
-            TraceState::NONE,
-        );
-        Context::new().with_remote_span_context(sc)
+    /// The sampler `telemetry.sampler` / `telemetry.sampler_arg` name, as the SDK implements it (the
+    /// reference the head sampler's rule is tested against).
+    fn configured(cfg: &Config) -> Sampler {
+        let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
+        match cfg.telemetry.sampler.as_str() {
+            "always_on" => Sampler::AlwaysOn,
+            "always_off" => Sampler::AlwaysOff,
+            "traceidratio" => Sampler::TraceIdRatioBased(ratio),
+            "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+            _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        }
     }
 
-    fn config(sampler: &str, arg: Option<f64>) -> Sampler {
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn caller(sampled: bool) -> Caller {
+        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        Caller { trace_id: TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736), span_id: SpanId::from(7), flags }
+    }
+
+    fn cfg(sampler: &str, arg: Option<f64>) -> Config {
         let mut cfg = Config::default();
         cfg.telemetry.sampler = sampler.into();
         cfg.telemetry.sampler_arg = arg;
-        configured(&cfg)
+        cfg
+    }
+
+    const SAMPLERS: [&str; 6] = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+
+    #[test]
+    fn the_rules_decide_as_the_sdks_samplers_do() {
+        let mut rng = rand::rng();
+        let callers = [None, Some(caller(true)), Some(caller(false))];
+        for name in SAMPLERS {
+            for arg in [None, Some(0.0), Some(0.1), Some(0.5), Some(0.999), Some(1.0), Some(-1.0), Some(2.0)] {
+                let cfg = cfg(name, arg);
+                let (rule, sdk) = (Rule::configured(&cfg), configured(&cfg));
+                for _ in 0..400 {
+                    let trace_id = TraceId::from(rand::Rng::random::<u128>(&mut rng));
+                    for c in &callers {
+                        let parent = match c {
+                            Some(c) => Context::new().with_remote_span_context(c.span_context(None)),
+                            None => Context::new(),
+                        };
+                        let r = sdk.should_sample(Some(&parent), trace_id, "HTTP request", &SpanKind::Server, &[], &[]);
+                        let theirs = r.decision == SamplingDecision::RecordAndSample;
+                        let ours = rule.samples(c.map(|c| c.flags.is_sampled()), trace_id);
+                        assert_eq!(ours, theirs, "{name} {arg:?} {trace_id} caller {c:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
     fn parent_based_follows_the_callers_flag_and_keeps_its_trace_id() {
-        let head = HeadSampler::new(config("parentbased_traceidratio", Some(0.0)));
-        let on = head.decide(&caller(true), "HTTP request", SpanKind::Server);
-        let off = head.decide(&caller(false), "HTTP request", SpanKind::Server);
+        let head = HeadSampler::new(&cfg("parentbased_traceidratio", Some(0.0)));
+        let on = head.decide(Some(&caller(true)));
+        let off = head.decide(Some(&caller(false)));
         assert!(on.sampled && !off.sampled);
         assert_eq!(on.hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(off.trace_id, on.trace_id, "an unsampled request keeps the caller's trace id");
@@ -202,18 +304,16 @@ mod tests {
 
     #[test]
     fn roots_get_a_new_trace_id_and_the_ratio_decides() {
-        let none = HeadSampler::new(config("parentbased_traceidratio", Some(0.0)));
-        let all = HeadSampler::new(config("parentbased_traceidratio", Some(1.0)));
-        let tenth = HeadSampler::new(config("parentbased_traceidratio", Some(0.1)));
-        let root = Context::new();
-        let a = none.decide(&root, "HTTP request", SpanKind::Server);
-        let b = none.decide(&root, "HTTP request", SpanKind::Server);
+        let none = HeadSampler::new(&cfg("parentbased_traceidratio", Some(0.0)));
+        let all = HeadSampler::new(&cfg("parentbased_traceidratio", Some(1.0)));
+        let tenth = HeadSampler::new(&cfg("parentbased_traceidratio", Some(0.1)));
+        let (a, b) = (none.decide(None), none.decide(None));
         assert!(!a.sampled && a.trace_id != TraceId::INVALID && a.trace_id != b.trace_id);
-        assert!(all.decide(&root, "HTTP request", SpanKind::Server).sampled);
-        let n = (0..4000).filter(|_| tenth.decide(&root, "HTTP request", SpanKind::Server).sampled).count();
+        assert!(all.decide(None).sampled);
+        let n = (0..4000).filter(|_| tenth.decide(None).sampled).count();
         assert!((280..=520).contains(&n), "about 10 % of 4000 sampled, got {n}");
-        assert!(!HeadSampler::new(config("always_off", None)).decide_root("lifecycle"));
-        assert!(HeadSampler::new(config("parentbased_always_on", None)).decide_root("lifecycle"));
+        assert!(!HeadSampler::new(&cfg("always_off", None)).decide_root());
+        assert!(HeadSampler::new(&cfg("parentbased_always_on", None)).decide_root());
     }
 
     /// The SDK's propagator, the reference for well-formed headers.
@@ -227,19 +327,20 @@ mod tests {
         TraceContextPropagator::new().extract(&headers).span().span_context().clone()
     }
 
-    fn ours(tp: &str, ts: Option<&str>) -> SpanContext {
-        caller_context(Some(tp), ts).span().span_context().clone()
+    fn ours(tp: &str, ts: Option<&str>) -> Option<SpanContext> {
+        Caller::read(Some(tp.as_bytes())).map(|c| c.span_context(ts))
     }
 
     #[test]
     fn well_formed_traceparents_read_as_the_sdk_reads_them() {
         let mut rng = rand::rng();
         let mut cases = vec![
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(), None),
+            (CALLER.to_string(), None),
             ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".to_string(), Some("vendor=x,other=y")),
             ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff".to_string(), Some("not a state")),
             ("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-future".to_string(), None),
             (" 00-00000000000000000000000000000001-0000000000000001-01 ".to_string(), None),
+            ("00-00000000000000010000000000000000-ffffffffffffffff-01".to_string(), None),
         ];
         for _ in 0..500 {
             let (t, s, f): (u128, u64, u8) =
@@ -249,8 +350,8 @@ mod tests {
         for (tp, ts) in &cases {
             let (a, b) = (ours(tp, *ts), sdk_reads(tp, *ts));
             assert!(b.is_valid(), "{tp}");
-            assert_eq!(a, b, "{tp} {ts:?}");
-            assert!(a.is_remote());
+            assert_eq!(a.as_ref(), Some(&b), "{tp} {ts:?}");
+            assert!(b.is_remote());
         }
     }
 
@@ -269,31 +370,29 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902g7-01",
             "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\u{e9}",
         ] {
-            assert!(!ours(tp, None).is_valid(), "{tp:?} must be refused");
+            assert_eq!(ours(tp, None), None, "{tp:?} must be refused");
+            assert!(!sdk_reads(tp, None).is_valid(), "the SDK refuses {tp:?} too");
         }
-        assert!(!caller_context(None, Some("a=b")).span().span_context().is_valid());
+        assert_eq!(Caller::read(None), None);
+        assert_eq!(Caller::read(Some(&b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\xff"[..])), None);
     }
 
     #[test]
     fn a_written_traceparent_reads_back_through_the_sdk() {
-        let sc = ours("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None);
-        assert_eq!(traceparent(&sc), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        assert_eq!(sdk_reads(&traceparent(&sc), None), sc);
+        let sc = ours(CALLER, None).unwrap();
+        assert_eq!(&traceparent(&sc)[..], CALLER.as_bytes());
+        assert_eq!(sdk_reads(std::str::from_utf8(&traceparent(&sc)).unwrap(), None), sc);
     }
 
     #[test]
     fn an_unsampled_traceparent_carries_the_trace_id_with_the_flag_off() {
-        use opentelemetry::propagation::TextMapPropagator;
-        use opentelemetry_sdk::propagation::TraceContextPropagator;
-        let head = HeadSampler::new(config("parentbased_always_off", None));
-        let trace = head.decide(&Context::new(), "HTTP request", SpanKind::Server);
+        let head = HeadSampler::new(&cfg("parentbased_always_off", None));
+        let trace = head.decide(None);
         assert_eq!(trace.hex(), trace.trace_id.to_string(), "the same digits as the SDK's");
         // Read back by the SDK's own propagator, as the next hop does.
-        let read = |tp: String| {
-            let headers = std::collections::HashMap::from([("traceparent".to_string(), tp)]);
-            TraceContextPropagator::new().extract(&headers).span().span_context().clone()
-        };
+        let read = |tp: [u8; 55]| sdk_reads(std::str::from_utf8(&tp).unwrap(), None);
         let (a, b) = (read(head.unsampled_traceparent(&trace)), read(head.unsampled_traceparent(&trace)));
         assert_eq!(a.trace_id(), trace.trace_id);
         assert!(a.is_valid() && a.is_remote() && !a.is_sampled());

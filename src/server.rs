@@ -14,7 +14,7 @@ use actix_web::dev::{Extensions, ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::json;
 use tracing::Span;
 
@@ -30,6 +30,9 @@ use crate::telemetry::{self, RequestSpan, RequestTrace};
 
 pub const POD_HEADER: &str = "x-graceful-pod";
 pub const TRACE_HEADER: &str = "x-trace-id";
+// As values, not names parsed on every response (`from_static` checks the name each call).
+pub const POD_HEADER_NAME: HeaderName = HeaderName::from_static(POD_HEADER);
+const TRACE_HEADER_NAME: HeaderName = HeaderName::from_static(TRACE_HEADER);
 
 /// actix's own shutdown timeout sits this far behind ours, so that ours alone decides what is
 /// dropped (and says so) and actix's never races it.
@@ -63,7 +66,7 @@ pub type Shared = web::Data<Ctx>;
 impl Ctx {
     pub fn new(role: &'static str, config: Config, identity: Identity) -> Shared {
         // Sampled like a request with no caller (a ratio sampler may leave it out).
-        let lifecycle_span = if telemetry::root_sampled("lifecycle") {
+        let lifecycle_span = if telemetry::root_sampled() {
             tracing::info_span!(
                 "lifecycle",
                 otel.name = "lifecycle",
@@ -173,8 +176,10 @@ async fn request_middleware(
     }
     // Matched once, for the span and the metrics (it walks the resource map and allocates).
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let span = telemetry::start_request(&req, &route, ctx.lifecycle.phase().as_str());
-    let outcome = lifecycle(ctx, req, next, &span, route).await;
+    let started = telemetry::start_request(&req, &route, ctx.lifecycle.phase().as_str());
+    let span = started.as_ref().map(|t| t.span.clone()).unwrap_or_default();
+    let trace = started.as_ref().map(|t| t.trace);
+    let outcome = telemetry::serving(started, lifecycle(ctx, req, next, &span, trace, route)).await;
     telemetry::end_request(&span, &outcome);
     outcome
 }
@@ -186,10 +191,10 @@ async fn lifecycle(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
     span: &RequestSpan,
+    trace: Option<RequestTrace>,
     route: String,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let peer = req.conn_data::<PeerSocket>().copied();
-    let trace = telemetry::request_trace(&req.extensions());
     let method = telemetry::method_label(req.method());
     let what = RequestLine { method: req.method().clone(), uri: req.uri().clone() };
     let _in_flight = ctx.lifecycle.track(span.clone(), what);
@@ -239,11 +244,11 @@ async fn lifecycle(
     }
     let headers = res.headers_mut();
     if let Some(v) = &ctx.pod_header {
-        headers.insert(HeaderName::from_static(POD_HEADER), v.clone());
+        headers.insert(POD_HEADER_NAME, v.clone());
     }
     if let Some(t) = trace {
         if let Ok(v) = HeaderValue::from_str(t.hex()) {
-            headers.insert(HeaderName::from_static(TRACE_HEADER), v);
+            headers.insert(TRACE_HEADER_NAME, v);
         }
     }
     Ok(res.map_into_left_body())

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::HttpMessage;
-use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -89,7 +88,7 @@ pub fn init(role: &str, cfg: &Config, identity: &Identity) -> anyhow::Result<()>
             let provider = build_provider(&resource, &target)?;
             let tracer = provider.tracer("graceful");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-            let _ = HEAD.set(HeadSampler::new(sampling::configured(cfg)));
+            let _ = HEAD.set(HeadSampler::new(cfg));
             span_queue::install(BatchConfig::from_env(), request_span_sink(&resource, &target)?)?;
             let _ = POD.set(identity.pod_name.clone());
             let _ = PROVIDER.set(provider);
@@ -280,40 +279,33 @@ pub fn shutdown(bound: Duration) {
 
 /// Whether a span with no caller (the lifecycle span) is traced; true when tracing is off, so
 /// that pretty logs still show it.
-pub fn root_sampled(name: &str) -> bool {
-    HEAD.get().is_none_or(|h| h.decide_root(name))
+pub fn root_sampled() -> bool {
+    HEAD.get().is_none_or(HeadSampler::decide_root)
 }
 
-/// `traceparent` for a call made by a request: from the call's own span when the request is
-/// sampled (its parent is that span), else the request's trace id with the sampled flag off.
-/// Nothing when tracing is off.
-pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::new();
-    let value = match (HEAD.get(), trace, span.span_context()) {
-        (Some(_), Some(t), Some(sc)) if t.sampled => {
+/// `traceparent` (and `tracestate`) for a call made by a request: from the call's own span when
+/// the request is sampled (its parent is that span), else the request's trace id with the
+/// sampled flag off. Nothing when tracing is off. Built on the stack, copied once into each value.
+pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> [Option<(HeaderName, HeaderValue)>; 2] {
+    let (Some(head), Some(t)) = (HEAD.get(), trace) else { return [None, None] };
+    let header = |value: &[u8]| HeaderValue::from_bytes(value).ok().map(|v| (TRACEPARENT, v));
+    match span.span_context() {
+        Some(sc) if t.sampled => {
             let state = sc.trace_state().header();
-            if !state.is_empty() {
-                if let Ok(v) = HeaderValue::try_from(state) {
-                    out.push((TRACESTATE, v));
-                }
-            }
-            sampling::traceparent(sc)
+            let state =
+                if state.is_empty() { None } else { HeaderValue::try_from(state).ok().map(|v| (TRACESTATE, v)) };
+            [header(&sampling::traceparent(sc)), state]
         }
-        (Some(head), Some(t), _) => head.unsampled_traceparent(&t),
-        _ => return out,
-    };
-    if let Ok(v) = HeaderValue::try_from(value) {
-        out.push((TRACEPARENT, v));
+        _ => [header(&head.unsampled_traceparent(&t)), None],
     }
-    out
 }
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// The trace of the request being served (`None` when tracing is off).
-pub fn request_trace(extensions: &actix_web::dev::Extensions) -> Option<RequestTrace> {
-    extensions.get::<RequestTelemetry>().map(|t| t.trace)
+/// The trace of the request being served (`None` when tracing is off), from within its task.
+pub fn request_trace() -> Option<RequestTrace> {
+    REQUEST.try_with(|t| t.trace).ok()
 }
 
 /// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
@@ -420,40 +412,55 @@ impl PeerText {
     }
 }
 
-/// A request's trace and, when sampled, its server span: one entry in its extensions for the
-/// handlers (their attempt spans are the span's children, their log lines name it).
-struct RequestTelemetry {
-    trace: RequestTrace,
-    span: RequestSpan,
+/// A request's trace and, when sampled, its server span, for its handlers (their attempt spans
+/// are the span's children, their log lines name it).
+pub struct RequestTelemetry {
+    pub trace: RequestTrace,
+    pub span: RequestSpan,
+}
+
+tokio::task_local! {
+    /// The request being served by this task. A task-local, not the request's extensions: the
+    /// first insert there allocates a map and a box, and frees them, on every request (≈ 700
+    /// instructions); entering the scope is a swap at each poll.
+    static REQUEST: RequestTelemetry;
+}
+
+/// Runs `serve` (a request's service future) with `telemetry` as its task's current request.
+pub async fn serving<F: std::future::Future>(telemetry: Option<RequestTelemetry>, serve: F) -> F::Output {
+    match telemetry {
+        Some(t) => REQUEST.scope(t, serve).await,
+        None => serve.await,
+    }
 }
 
 /// The server span of the request being served (none when it has none).
-pub fn server_span(extensions: &actix_web::dev::Extensions) -> RequestSpan {
-    extensions.get::<RequestTelemetry>().map(|t| t.span.clone()).unwrap_or_default()
+pub fn server_span() -> RequestSpan {
+    REQUEST.try_with(|t| t.span.clone()).unwrap_or_default()
 }
 
-/// A request's start: decides its sampling, keeps its [`RequestTrace`] in its extensions and
-/// returns its server span (none when unsampled, for probe paths, and with tracing off).
-pub fn start_request(request: &ServiceRequest, route: &str, phase: &'static str) -> RequestSpan {
+/// A request's start: decides its sampling and returns its trace and server span (the span is
+/// none when unsampled); nothing for probe paths and with tracing off.
+pub fn start_request(request: &ServiceRequest, route: &str, phase: &'static str) -> Option<RequestTelemetry> {
     if is_probe_path(request.path()) {
-        return RequestSpan::none();
+        return None;
     }
-    let Some(head) = HEAD.get() else { return RequestSpan::none() };
+    let head = HEAD.get()?;
     let headers = request.headers();
-    let header = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let parent = sampling::caller_context(header(&TRACEPARENT), header(&TRACESTATE));
-    let decided = head.decide(&parent, "HTTP request", SpanKind::Server);
-    if !decided.sampled {
-        // No span at all: the trace id travels in the extensions, for the response header,
-        // the bodies, the log lines and the next hop's traceparent.
-        request.extensions_mut().insert(RequestTelemetry { trace: decided, span: RequestSpan::none() });
-        return RequestSpan::none();
+    let caller = sampling::Caller::read(headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+    let trace = head.decide(caller.as_ref());
+    if !trace.sampled {
+        // No span at all: the trace id is kept for the response header, the bodies, the log
+        // lines and the next hop's traceparent.
+        return Some(RequestTelemetry { trace, span: RequestSpan::none() });
     }
     // The span carries the trace its sampling was decided on (a root's new id included).
-    let parent_span = parent.span();
-    let span = request_span(request, route, phase, decided.trace_id, parent_span.span_context());
-    request.extensions_mut().insert(RequestTelemetry { trace: decided, span: span.clone() });
-    span
+    let parent = match caller {
+        Some(c) => c.span_context(headers.get(&TRACESTATE).and_then(|v| v.to_str().ok())),
+        None => SpanContext::NONE,
+    };
+    let span = request_span(request, route, phase, trace.trace_id, &parent);
+    Some(RequestTelemetry { trace, span })
 }
 
 /// A request's end on its server span: the status, whether it failed, and the span's end. A 5xx

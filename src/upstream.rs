@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::HeaderValue;
 use actix_web::http::{Method, StatusCode};
 use awc::error::{ConnectError, PayloadError, SendRequestError};
 use backon::{ExponentialBuilder, Retryable};
@@ -15,7 +15,7 @@ use url::Url;
 use crate::config::{Config, ResolveRule};
 use crate::metrics::{AttemptLabels, Metrics};
 use crate::request_span::Attr;
-use crate::server::POD_HEADER;
+use crate::server::{POD_HEADER, POD_HEADER_NAME};
 use crate::telemetry::{self, RequestSpan, RequestTrace};
 use opentelemetry::trace::SpanKind;
 
@@ -332,12 +332,12 @@ impl Upstream {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let mut req = self.client.request(method.clone(), url);
         if let Some(pod) = &self.pod {
-            req = req.insert_header((HeaderName::from_static(POD_HEADER), pod.clone()));
+            req = req.insert_header((POD_HEADER_NAME, pod.clone()));
         }
         if let Some(a) = addr {
             req = req.address(a);
         }
-        for (k, v) in telemetry::inject(span, trace) {
+        for (k, v) in telemetry::inject(span, trace).into_iter().flatten() {
             req = req.insert_header((k, v));
         }
         let resp = req.send_body(body).await.map_err(classify_send)?;
