@@ -40,6 +40,7 @@ impl ChainName {
 }
 
 const SERVICES: &str = "services";
+const FORWARD: &str = "forward";
 const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 const MASQUERADING: &str = "masquerading";
 const REJECT: &str = "reject-chain";
@@ -108,6 +109,12 @@ pub enum Rule {
     /// `numgen random mod N vmap { 0 : goto …, … }`
     Spread(Vec<ChainName>),
     Reject,
+    /// `ct state invalid counter drop`: a packet conntrack could not place (a SYN-ACK or RST
+    /// with no connection, one out of its window) skips NAT, so a packet to a ClusterIP would
+    /// be forwarded as it is, to an address nobody has. kube-proxy drops them unless
+    /// `nf_conntrack_tcp_be_liberal` is set (it is not in the node's namespace); the counter is
+    /// ours, to report what was dropped (kube-proxy counts them in iptables mode).
+    DropInvalid,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +141,10 @@ impl Table {
             base(Hook::NatPrerouting, vec![Rule::Jump(fixed(SERVICES))]),
             base(Hook::NatOutput, vec![Rule::Jump(fixed(SERVICES))]),
             base(Hook::NatPostrouting, vec![Rule::Jump(fixed(MASQUERADING))]),
-            base(Hook::FilterForward, vec![Rule::LookupClusterIp(MapName::NoEndpointServices)]),
+            base(
+                Hook::FilterForward,
+                vec![Rule::LookupClusterIp(MapName::NoEndpointServices), Rule::Jump(fixed(FORWARD))],
+            ),
             base(Hook::FilterOutput, vec![Rule::LookupClusterIp(MapName::NoEndpointServices)]),
             base(Hook::FilterInput, vec![Rule::LookupNodePort(MapName::NoEndpointNodePorts)]),
             Chain {
@@ -152,6 +162,7 @@ impl Table {
                 rules: vec![Rule::ReturnUnlessMarked, Rule::ClearMarkAndMasquerade],
             },
             Chain { name: fixed(REJECT), hook: None, rules: vec![Rule::Reject] },
+            Chain { name: fixed(FORWARD), hook: None, rules: vec![Rule::DropInvalid] },
         ];
         let [service_ips, node_ports, no_ep_services, no_ep_node_ports] = &mut maps;
         for svc in services {
@@ -282,6 +293,7 @@ impl fmt::Display for Rule {
                 write!(f, "numgen random mod {} vmap {{ {} }}", targets.len(), arms.join(", "))
             }
             Rule::Reject => write!(f, "reject"),
+            Rule::DropInvalid => write!(f, "ct state invalid counter drop"),
         }
     }
 }
@@ -377,6 +389,15 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_packets_conntrack_could_not_place_are_dropped() {
+        let t = Table::for_services(&[web(vec![Endpoint::ready(A, 5000)], None)]);
+        let forward = t.chain("filter-forward").unwrap();
+        assert_eq!(forward.hook, Some(Hook::FilterForward));
+        assert_eq!(forward.rules.last(), Some(&Rule::Jump(ChainName::fixed(FORWARD))));
+        assert_eq!(t.chain(FORWARD).unwrap().rules, vec![Rule::DropInvalid]);
+    }
+
+    #[test]
     fn each_endpoint_dnats_to_its_own_port() {
         let t = Table::for_services(&[web(vec![Endpoint::ready(A, 5000), Endpoint::ready(B, 8080)], None)]);
         let eb = t.chain(ChainName::endpoint("web", "http", B, 8080).as_str()).unwrap();
@@ -398,6 +419,8 @@ mod tests {
             "type nat hook prerouting priority dstnat; policy accept;",
             "type nat hook output priority -100; policy accept;",
             "meta mark set meta mark xor 0x4000 masquerade fully-random",
+            "jump forward",
+            "ct state invalid counter drop",
         ] {
             assert!(lines.contains(&expected), "missing `{expected}` in\n{text}");
         }

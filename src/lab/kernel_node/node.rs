@@ -197,6 +197,24 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Packets kube-proxy's `ct state invalid drop` has dropped since the table was last
+    /// written (the rule's counter; each `apply_services` replaces the table).
+    pub fn invalid_dropped(&self) -> Result<u64> {
+        let mut nft = Command::new("nft");
+        nft.args(["list", "chain", "ip", super::nft_ruleset::TABLE, "forward"]);
+        let listing = tool::run(self.netns.command(nft)?, None).context("reading kube-proxy's forward chain")?.stdout;
+        parse_counter_packets(&listing)
+            .with_context(|| format!("no `counter packets N` in kube-proxy's forward chain:\n{listing}"))
+    }
+}
+
+/// N in the first `counter packets N bytes M` of an `nft list` output.
+fn parse_counter_packets(listing: &str) -> Option<u64> {
+    let rest = &listing[listing.find("counter packets ")? + "counter packets ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 fn ip_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(args);
@@ -224,5 +242,17 @@ fn retry_file_exists(mut f: impl FnMut() -> Result<()>) -> Result<()> {
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counter_is_read_from_nfts_listing() {
+        let listing = "table ip kube-proxy {\n\tchain forward {\n\t\tct state invalid counter packets 17 bytes 680 drop\n\t}\n}\n";
+        assert_eq!(parse_counter_packets(listing), Some(17));
+        assert_eq!(parse_counter_packets("chain forward {\n}"), None);
     }
 }
