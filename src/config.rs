@@ -16,6 +16,16 @@ use url::Url;
 /// Environment prefix for our own keys; `__` separates sections: `GRACEFUL_SHUTDOWN__DRAIN_DELAY`.
 pub const ENV_PREFIX: &str = "GRACEFUL_";
 
+/// The `OTEL_TRACES_SAMPLER` values the head sampler implements (`sampling`).
+pub const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -569,14 +579,6 @@ fn validate(c: &Config, fig: &Figment) -> Result<(), ConfigError> {
             return Err(invalid(fig, "telemetry.sampler_arg", format!("{arg} is not a ratio in [0, 1]")));
         }
     }
-    const SAMPLERS: &[&str] = &[
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ];
     if !SAMPLERS.contains(&c.telemetry.sampler.as_str()) {
         return Err(invalid(
             fig,

@@ -258,20 +258,11 @@ mod tests {
         cfg
     }
 
-    const SAMPLERS: [&str; 6] = [
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ];
-
     #[test]
     fn the_rules_decide_as_the_sdks_samplers_do() {
         let mut rng = rand::rng();
         let callers = [None, Some(caller(true)), Some(caller(false))];
-        for name in SAMPLERS {
+        for &name in crate::config::SAMPLERS {
             for arg in [None, Some(0.0), Some(0.1), Some(0.5), Some(0.999), Some(1.0), Some(-1.0), Some(2.0)] {
                 let cfg = cfg(name, arg);
                 let (rule, sdk) = (Rule::configured(&cfg), configured(&cfg));
