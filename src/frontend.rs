@@ -53,8 +53,7 @@ async fn proxy_data(ctx: Shared, upstream: web::Data<Upstream>, req: HttpRequest
         None => "/api/data".to_string(),
     };
     let method = if req.method() == Method::POST { Method::POST } else { Method::GET };
-    let trace = telemetry::request_trace();
-    let root = telemetry::server_span();
+    let (trace, root) = telemetry::current_request();
     let outcome = upstream.call(method, &path, body, &ctx.metrics, trace, &root).await;
     respond(&ctx, &root, trace, outcome)
 }
@@ -154,8 +153,7 @@ async fn startup(ctx: Shared, upstream: web::Data<Upstream>, cache: web::Data<St
     if let Some(code) = cache.code.lock().unwrap().clone() {
         return HttpResponse::Ok().json(json!({"status": "started", "code": code}));
     }
-    let trace = telemetry::request_trace();
-    let root = telemetry::server_span();
+    let (trace, root) = telemetry::current_request();
     let outcome = upstream.call(Method::GET, "/get-config", web::Bytes::new(), &ctx.metrics, trace, &root).await;
     let code = outcome.result.as_ref().ok().and_then(|r| {
         serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| v.get("code")?.as_str().map(str::to_string))

@@ -17,16 +17,14 @@ use crate::config::Config;
 /// The configured sampler's rule, decided on plain values. The SDK's `should_sample` needs an
 /// OpenTelemetry `Context` for the parent (an allocation) and returns a trace state and an
 /// attribute list (more), on every request, sampled or not; these rules are the SDK's own,
-/// written out (tested against it), for the four names `configured` maps.
+/// written out (tested against its `Sampler`), for the names in `config::SAMPLERS`.
 #[derive(Clone, Debug, PartialEq)]
 enum Rule {
     AlwaysOn,
     AlwaysOff,
-    /// Sampled when the trace id's low 63 bits fall under `bound` (the SDK's ratio rule).
-    Ratio {
-        all: bool,
-        bound: u64,
-    },
+    /// Sampled when the trace id's low 63 bits fall under the bound (the SDK's ratio rule). A
+    /// ratio of 1 or more gives a bound of 2^63 or more (the cast saturates): every id.
+    Ratio(u64),
     /// The caller's flag when there is a caller, else the root rule.
     ParentBased(Box<Rule>),
 }
@@ -34,7 +32,7 @@ enum Rule {
 impl Rule {
     fn configured(cfg: &Config) -> Rule {
         let ratio = cfg.telemetry.sampler_arg.unwrap_or(1.0);
-        let by_ratio = Rule::Ratio { all: ratio >= 1.0, bound: (ratio.max(0.0) * (1u64 << 63) as f64) as u64 };
+        let by_ratio = Rule::Ratio((ratio.max(0.0) * (1u64 << 63) as f64) as u64);
         match cfg.telemetry.sampler.as_str() {
             "always_on" => Rule::AlwaysOn,
             "always_off" => Rule::AlwaysOff,
@@ -50,9 +48,9 @@ impl Rule {
         match self {
             Rule::AlwaysOn => true,
             Rule::AlwaysOff => false,
-            Rule::Ratio { all, bound } => {
+            Rule::Ratio(bound) => {
                 let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or_default());
-                *all || low >> 1 < *bound
+                low >> 1 < *bound
             }
             Rule::ParentBased(root) => caller_sampled.unwrap_or_else(|| root.samples(None, trace_id)),
         }
@@ -93,13 +91,7 @@ impl HeadSampler {
     /// as with the SDK's non-recording spans), the sampled flag off. Written from the request's
     /// hex digits on the stack, on every such call.
     pub fn unsampled_traceparent(&self, trace: &RequestTrace) -> [u8; 55] {
-        let mut out = [0u8; 55];
-        out[..3].copy_from_slice(b"00-");
-        out[3..35].copy_from_slice(&trace.hex);
-        out[35] = b'-';
-        hex_into(&self.ids.new_span_id().to_bytes(), &mut out[36..52]);
-        out[52..].copy_from_slice(b"-00");
-        out
+        write_traceparent(&trace.hex, self.ids.new_span_id(), TraceFlags::default())
     }
 }
 
@@ -180,13 +172,20 @@ fn hex_u64(digits: &[u8]) -> Option<u64> {
 
 /// `traceparent` (version 00) naming `sc` as the parent.
 pub fn traceparent(sc: &SpanContext) -> [u8; 55] {
+    let mut trace_hex = [0u8; 32];
+    hex_into(&sc.trace_id().to_bytes(), &mut trace_hex);
+    write_traceparent(&trace_hex, sc.span_id(), sc.trace_flags())
+}
+
+/// `00-{trace}-{parent}-{flags}` on the stack, from the trace id's hex digits.
+fn write_traceparent(trace_hex: &[u8; 32], parent: SpanId, flags: TraceFlags) -> [u8; 55] {
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
-    hex_into(&sc.trace_id().to_bytes(), &mut out[3..35]);
+    out[3..35].copy_from_slice(trace_hex);
     out[35] = b'-';
-    hex_into(&sc.span_id().to_bytes(), &mut out[36..52]);
+    hex_into(&parent.to_bytes(), &mut out[36..52]);
     out[52] = b'-';
-    hex_into(&[sc.trace_flags().to_u8()], &mut out[53..55]);
+    hex_into(&[flags.to_u8()], &mut out[53..55]);
     out
 }
 
@@ -200,7 +199,8 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
-/// A request's trace: decided at its start, kept in its extensions (cheap to copy).
+/// A request's trace: decided at its start, kept with the request while it is served (cheap
+/// to copy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestTrace {
     pub trace_id: TraceId,

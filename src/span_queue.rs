@@ -81,10 +81,16 @@ impl Pending {
         }
         if partial && self.filling_spans > 0 {
             let n = std::mem::take(&mut self.filling_spans);
-            let fresh = self.spare.pop().unwrap_or_default();
-            return Some((std::mem::replace(&mut self.filling, fresh), n));
+            return Some((self.take_filling(), n));
         }
         None
+    }
+
+    /// The batch being filled, replaced by a spare buffer, or by a new one that starts at this
+    /// batch's size rather than growing to it.
+    fn take_filling(&mut self) -> Vec<u8> {
+        let fresh = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(self.filling.len()));
+        std::mem::replace(&mut self.filling, fresh)
     }
 
     /// A sent buffer back, emptied, for a later batch (a few are enough to cycle).
@@ -153,9 +159,7 @@ impl SpanQueue {
         write(&mut p.filling);
         p.filling_spans += 1;
         if p.filling_spans == self.cfg.max_batch {
-            // A new buffer (when both spares are out) starts at a full batch's size, not grown.
-            let fresh = p.spare.pop().unwrap_or_else(|| Vec::with_capacity(p.filling.len()));
-            let batch = std::mem::replace(&mut p.filling, fresh);
+            let batch = p.take_filling();
             p.full.push_back(batch);
             p.filling_spans = 0;
             self.work.notify_one();

@@ -303,9 +303,10 @@ pub fn inject(span: &RequestSpan, trace: Option<RequestTrace>) -> [Option<(Heade
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// The trace of the request being served (`None` when tracing is off), from within its task.
-pub fn request_trace() -> Option<RequestTrace> {
-    REQUEST.try_with(|t| t.trace).ok()
+/// The trace of the request being served (`None` when tracing is off) and its server span (none
+/// when it has none), from within its task.
+pub fn current_request() -> (Option<RequestTrace>, RequestSpan) {
+    REQUEST.try_with(|t| (Some(t.trace), t.span.clone())).unwrap_or_default()
 }
 
 /// Probe paths create no spans: kubelet polls them every second and they would bury real traces.
@@ -432,11 +433,6 @@ pub async fn serving<F: std::future::Future>(telemetry: Option<RequestTelemetry>
         Some(t) => REQUEST.scope(t, serve).await,
         None => serve.await,
     }
-}
-
-/// The server span of the request being served (none when it has none).
-pub fn server_span() -> RequestSpan {
-    REQUEST.try_with(|t| t.span.clone()).unwrap_or_default()
 }
 
 /// A request's start: decides its sampling and returns its trace and server span (the span is

@@ -195,9 +195,7 @@ impl Node {
             .context("applying kube-proxy's ruleset in the node namespace")?;
         Ok(started.elapsed())
     }
-}
 
-impl Node {
     /// Packets kube-proxy's `ct state invalid drop` has dropped since the table was last
     /// written (the rule's counter; each `apply_services` replaces the table).
     pub fn invalid_dropped(&self) -> Result<u64> {
