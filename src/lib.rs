@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod frontend;
 pub mod gauge;
+pub mod handshakes;
 pub mod identity;
 pub mod lab;
 pub mod lifecycle;

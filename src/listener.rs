@@ -7,7 +7,7 @@
 //! 1. a BPF filter makes the socket drop new SYNs (the client retries its SYN a second later and
 //!    meets a closed port: refused, never accepted); handshakes already under way complete
 //!    (where the kernel refuses the filter, as some do without CAP_NET_ADMIN, `hand_over_paused`
-//!    pauses actix's accept loop behind a zero-length queue instead);
+//!    pauses actix's accept loop and fills a zero-length queue with a connection of ours instead);
 //! 2. marker connections (the only SYNs the filter lets through) follow everything queued, one
 //!    per worker: once a worker has opened its marker, its channel holds nothing older;
 //! 3. we wait until every accepted connection has started its first request (or stayed silent
@@ -129,6 +129,23 @@ fn syn_filter(allowed: &[u16]) -> Vec<SockFilter> {
     prog
 }
 
+/// The kernel's TCP_INFO for a socket.
+fn tcp_info(socket: &impl AsRawFd) -> Option<libc::tcp_info> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info)
+}
+
 impl PublicListener {
     /// Where a marker connects: the listener's own address, loopback for a wildcard.
     fn marker_target(&self) -> SocketAddr {
@@ -143,23 +160,16 @@ impl PublicListener {
     /// Connections the kernel completed that nobody has accepted yet.
     pub fn queued(&self) -> usize {
         // For a listening socket, tcpi_unacked is the accept queue's length.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: a valid fd, a buffer of the size passed.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&mut info as *mut libc::tcp_info).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            info.tcpi_unacked as usize
-        } else {
+        tcp_info(&self.socket).map_or(0, |info| info.tcpi_unacked as usize)
+    }
+
+    /// Handshakes under way on the listener (0 where the kernel will not say: the check is lost,
+    /// not the close).
+    fn handshakes_under_way(&self) -> usize {
+        crate::handshakes::under_way(self.local).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot count the listener's handshakes under way");
             0
-        }
+        })
     }
 
     /// Steps 1–3 of the module's sequence, all within [`HAND_OVER_BOUND`]. Returns what was left
@@ -217,44 +227,148 @@ impl PublicListener {
 
     /// The hand-over without a socket filter (some kernels refuse one on a TCP socket to a
     /// process without CAP_NET_ADMIN, as in a pod that drops ALL capabilities). An accept queue
-    /// of length 0 holds at most one completed connection and drops further SYNs (retried a
-    /// second later, then refused); the accept loop is paused, resumed only while the kernel
-    /// still holds a connection; then every accepted connection gets to start its request.
-    /// What can still be lost: a connection completed in the last instant before the close.
+    /// of length 0 holds one completed connection, and the kernel drops every SYN while it is
+    /// full (the client retries a second later and meets a closed port: refused). So, with
+    /// actix's accept loop paused and the queue empty, a connection of ours is queued (the plug,
+    /// returned: keep it until the listener is closed), and only then is the queue shrunk to 0;
+    /// whatever came first, actix takes before the next try. Then every accepted connection gets
+    /// to start its request. What can still be lost: a client whose handshake was under way at
+    /// the very instant of the shrink (its ACK dropped: it believes it is connected), or the
+    /// queue's clients when the bound runs out.
     pub async fn hand_over_paused<P, R>(
         &self,
         pause: impl Fn() -> P,
         resume: impl Fn() -> R,
+        markers: &Markers,
         unread: &AtomicUsize,
-    ) -> (usize, usize)
+    ) -> ((usize, usize), Option<TcpStream>)
     where
         P: std::future::Future<Output = ()>,
         R: std::future::Future<Output = ()>,
     {
         let deadline = tokio::time::Instant::now() + HAND_OVER_BOUND;
-        if let Err(e) = self.socket.listen(0) {
-            tracing::warn!(error = %e, "cannot shrink the listener's accept queue");
+        loop {
+            let plug = self.plug_the_queue(&pause, &resume, markers, deadline).await;
+            // Nothing can pass a full queue: give the workers a moment to take what their
+            // hand-over channels hold (not counted as unread until a worker opens them).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let (queued, fresh) = loop {
+                let (queued, fresh) = (self.queued(), unread.load(Ordering::SeqCst));
+                if fresh == 0 || tokio::time::Instant::now() >= deadline {
+                    break (queued, fresh);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            // Accepted by actix after all (its accept thread acted on the pause late): then the
+            // slot may hold a client again, and the plugging starts over while time is left.
+            let taken = plug.as_ref().is_some_and(|(_, port)| markers.seen(*port));
+            if !taken || tokio::time::Instant::now() >= deadline {
+                let ours = usize::from(plug.is_some() && !taken);
+                return ((queued.saturating_sub(ours), fresh), plug.map(|(stream, _)| stream));
+            }
         }
+    }
+
+    /// Pauses actix and fills the zero-length queue's slot with a plug, by the deadline.
+    async fn plug_the_queue<P, R>(
+        &self,
+        pause: &impl Fn() -> P,
+        resume: &impl Fn() -> R,
+        markers: &Markers,
+        deadline: tokio::time::Instant,
+    ) -> Option<(TcpStream, u16)>
+    where
+        P: std::future::Future<Output = ()>,
+        R: std::future::Future<Output = ()>,
+    {
         loop {
             pause().await;
-            // The accept thread acts on the command after it is acknowledged.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            if self.queued() == 0 || tokio::time::Instant::now() >= deadline {
-                break;
+            // The accept thread acts on the command just after it is acknowledged.
+            spin_until(ACCEPT_THREAD_SETTLES, || false).await;
+            if self.queued() == 0 {
+                if let Some((plug, port)) = self.plug(markers).await {
+                    // Shrunk only with the plug queued: a full queue drops the ACK of a handshake
+                    // under way, and its client (connected, as it believes) is lost at the close.
+                    if let Err(e) = self.socket.listen(0) {
+                        tracing::warn!(error = %e, "cannot shrink the listener's accept queue");
+                    }
+                    // Alone in the queue, and an accept loop that had not yet paused would take
+                    // it within moments.
+                    if self.queued() == 1 && !spin_until(PLUG_HELD, || markers.seen(port)).await {
+                        // A handshake that crossed the shrink would lose its ACK to the full
+                        // queue: the queue is made long again below, so the ACK lands there, and
+                        // actix takes it before another try (while there is time for one).
+                        let late = tokio::time::Instant::now() + LAST_TRY >= deadline;
+                        if late || self.handshakes_under_way() == 0 {
+                            return Some((plug, port));
+                        }
+                    }
+                }
             }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            // Clients came first: actix takes them (and whoever comes meanwhile, the plug too),
+            // then the loop pauses it again.
+            let _ = self.socket.listen(BACKLOG);
             resume().await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            spin_until(Duration::from_millis(2), || self.queued() == 0).await;
         }
-        // No marker can pass a full queue: give the workers a moment to take what their hand-over
-        // channels hold (those connections are not counted as unread until a worker opens them).
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        loop {
-            let (queued, fresh) = (self.queued(), unread.load(Ordering::SeqCst));
-            if fresh == 0 || tokio::time::Instant::now() >= deadline {
-                break (queued, fresh);
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// Connects to the listener while nothing is accepted, and returns the connection once it is
+    /// in the accept queue: a queued connection acknowledges a byte at once (a SYN dropped on a
+    /// full queue never completes; a handshake whose ACK was dropped leaves no socket on our
+    /// side). Registered as a marker, should actix accept it.
+    async fn plug(&self, markers: &Markers) -> Option<(TcpStream, u16)> {
+        let target = self.marker_target();
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).ok()?;
+        socket.bind(&SocketAddr::new(target.ip(), 0).into()).ok()?;
+        let port = socket.local_addr().ok()?.as_socket()?.port();
+        markers.ports.lock().unwrap_or_else(|e| e.into_inner()).insert(port, None);
+        markers.armed.store(true, Ordering::SeqCst);
+        socket.set_nonblocking(true).ok()?;
+        match socket.connect(&target.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(_) => return None,
         }
+        // Local: the handshake completes within microseconds, unless the SYN was dropped.
+        let established = || tcp_info(&socket).is_some_and(|i| i32::from(i.tcpi_state) == TCP_ESTABLISHED);
+        if !spin_until(PLUG_ANSWERS, established).await {
+            return None;
+        }
+        socket.send(b"\n").ok()?;
+        if !spin_until(PLUG_ANSWERS, || tcp_info(&socket).is_some_and(|i| i.tcpi_unacked == 0)).await {
+            return None;
+        }
+        Some((socket.into(), port))
+    }
+}
+
+/// How long the accept thread may take to act on a pause.
+const ACCEPT_THREAD_SETTLES: Duration = Duration::from_micros(300);
+/// Time a last try of the plugging needs (pause, plug, shrink), at least.
+const LAST_TRY: Duration = Duration::from_millis(20);
+/// How long the plug is watched for an accept loop that had not yet paused.
+const PLUG_HELD: Duration = Duration::from_millis(2);
+/// How long a local handshake, or the acknowledgement of a byte, may take.
+const PLUG_ANSWERS: Duration = Duration::from_millis(2);
+/// `TCP_ESTABLISHED` in the kernel's `tcpi_state`.
+const TCP_ESTABLISHED: i32 = 1;
+
+/// Waits until `done` or `bound` has passed, yielding to the runtime in between: tokio's timer
+/// ticks in whole milliseconds, and these waits are shorter.
+async fn spin_until(bound: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + bound;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::task::yield_now().await;
     }
 }
 

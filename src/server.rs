@@ -541,18 +541,22 @@ async fn serve_until_signal(ctx: &Ctx, signals: &mut Signals) -> DrainTrigger {
 /// Makes the kernel stop queueing new connections, waits (bounded) until actix has taken every
 /// queued one and started reading it, then lets actix close the socket.
 async fn close_public_listener(ctx: &Ctx, socket: PublicListener, handle: &ServerHandle) {
-    let (queued, silent) = match socket.hand_over(&ctx.markers, ctx.config.server.workers, &ctx.unread).await {
-        Ok(left) => left,
+    let ((queued, silent), plug) = match socket.hand_over(&ctx.markers, ctx.config.server.workers, &ctx.unread).await {
+        Ok(left) => (left, None),
         Err(e) => {
-            tracing::info!(error = %e, "cannot filter the listener's SYNs; pausing accept behind a zero-length queue");
-            socket.hand_over_paused(|| handle.pause(), || handle.resume(), &ctx.unread).await
+            tracing::info!(error = %e, "cannot filter the listener's SYNs; plugging a zero-length accept queue instead");
+            socket.hand_over_paused(|| handle.pause(), || handle.resume(), &ctx.markers, &ctx.unread).await
         }
     };
     if queued > 0 || silent > 0 {
         tracing::info!(queued, silent, "closing the listener with connections that sent no request");
     }
     let stopping = handle.clone();
-    actix_web::rt::spawn(async move { stopping.stop(true).await });
+    actix_web::rt::spawn(async move {
+        stopping.stop(true).await;
+        // The plug holds the queue's one slot until the listener is gone.
+        drop(plug);
+    });
     // actix's accept thread holds the other descriptor; this one must not keep the port open.
     drop(socket);
 }
