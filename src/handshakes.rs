@@ -3,7 +3,9 @@
 //! made them a queued connection. Readable without privileges, in the caller's network namespace.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
@@ -15,11 +17,15 @@ use netlink_sys::Socket;
 /// The kernel's `TCP_NEW_SYN_RECV`: a request socket (a handshake under way on a listener).
 const TCP_NEW_SYN_RECV: u32 = 12;
 
+/// How long the kernel's reply may take (a dump always ends; this bounds the wait regardless).
+const REPLY_BOUND: Duration = Duration::from_millis(200);
+
 /// How many handshakes under way have `listener` as their local end.
 pub fn under_way(listener: SocketAddr) -> io::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    set_receive_timeout(&socket, REPLY_BOUND)?;
     // A v6 wildcard listener also takes v4 connections.
     let families: &[u8] = if listener.is_ipv4() { &[AF_INET] } else { &[AF_INET, AF_INET6] };
     let mut count = 0;
@@ -27,6 +33,36 @@ pub fn under_way(listener: SocketAddr) -> io::Result<usize> {
         count += dump(&socket, family, listener)?;
     }
     Ok(count)
+}
+
+/// Whether a listener bound to `bound` takes connections to `local` (a v4 address may come
+/// v4-mapped).
+fn listens_on(bound: IpAddr, local: IpAddr) -> bool {
+    let local = match local {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(local, IpAddr::V4),
+        v4 => v4,
+    };
+    bound.is_unspecified() || bound == local
+}
+
+fn set_receive_timeout(socket: &Socket, bound: Duration) -> io::Result<()> {
+    let tv =
+        libc::timeval { tv_sec: bound.as_secs() as libc::time_t, tv_usec: bound.subsec_micros() as libc::suseconds_t };
+    // SAFETY: a valid fd and a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn dump(socket: &Socket, family: u8, listener: SocketAddr) -> io::Result<usize> {
@@ -57,10 +93,7 @@ fn dump(socket: &Socket, family: u8, listener: SocketAddr) -> io::Result<usize> 
             match reply.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let id = &response.header.socket_id;
-                    let address_matches = listener.ip().is_unspecified()
-                        || id.source_address == listener.ip()
-                        || matches!((listener.ip(), id.source_address), (std::net::IpAddr::V4(l), std::net::IpAddr::V6(s)) if s.to_ipv4_mapped() == Some(l));
-                    if id.source_port == listener.port() && address_matches {
+                    if id.source_port == listener.port() && listens_on(listener.ip(), id.source_address) {
                         count += 1;
                     }
                 }

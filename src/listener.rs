@@ -164,10 +164,13 @@ impl PublicListener {
     }
 
     /// Handshakes under way on the listener (0 where the kernel will not say: the check is lost,
-    /// not the close).
+    /// not the close; said once).
     fn handshakes_under_way(&self) -> usize {
+        static SAID: AtomicBool = AtomicBool::new(false);
         crate::handshakes::under_way(self.local).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "cannot count the listener's handshakes under way");
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot count the listener's handshakes under way (sock_diag); closing without that check");
+            }
             0
         })
     }
