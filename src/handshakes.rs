@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
@@ -25,7 +24,7 @@ pub fn under_way(listener: SocketAddr) -> io::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-    set_receive_timeout(&socket, REPLY_BOUND)?;
+    socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_BOUND))?;
     // A v6 wildcard listener also takes v4 connections.
     let families: &[u8] = if listener.is_ipv4() { &[AF_INET] } else { &[AF_INET, AF_INET6] };
     let mut count = 0;
@@ -43,26 +42,6 @@ fn listens_on(bound: IpAddr, local: IpAddr) -> bool {
         v4 => v4,
     };
     bound.is_unspecified() || bound == local
-}
-
-fn set_receive_timeout(socket: &Socket, bound: Duration) -> io::Result<()> {
-    let tv =
-        libc::timeval { tv_sec: bound.as_secs() as libc::time_t, tv_usec: bound.subsec_micros() as libc::suseconds_t };
-    // SAFETY: a valid fd and a timeval of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn dump(socket: &Socket, family: u8, listener: SocketAddr) -> io::Result<usize> {

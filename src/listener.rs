@@ -58,6 +58,13 @@ impl Markers {
         }
     }
 
+    /// Notes marker connections about to be opened from `ports`.
+    fn expect(&self, ports: impl IntoIterator<Item = u16>) {
+        let mut known = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        known.extend(ports.into_iter().map(|p| (p, None)));
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
     fn workers_seen(&self) -> usize {
         let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
         ports.values().flatten().collect::<HashSet<_>>().len()
@@ -157,6 +164,15 @@ impl PublicListener {
         SocketAddr::new(ip, self.local.port())
     }
 
+    /// A socket bound for a marker connection (its port names it before it connects).
+    fn marker_socket(&self) -> Option<(Socket, u16)> {
+        let target = self.marker_target();
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).ok()?;
+        socket.bind(&SocketAddr::new(target.ip(), 0).into()).ok()?;
+        let port = socket.local_addr().ok()?.as_socket()?.port();
+        Some((socket, port))
+    }
+
     /// Connections the kernel completed that nobody has accepted yet.
     pub fn queued(&self) -> usize {
         // For a listening socket, tcpi_unacked is the accept queue's length.
@@ -188,19 +204,8 @@ impl PublicListener {
         let target = self.marker_target();
         // Sockets bound first, so the filter can name their ports. A few spares: the accept
         // thread skips a worker that is at its connection limit.
-        let sockets: Vec<(Socket, u16)> = (0..workers * 3)
-            .filter_map(|_| {
-                let s = Socket::new(Domain::for_address(target), Type::STREAM, None).ok()?;
-                s.bind(&SocketAddr::new(target.ip(), 0).into()).ok()?;
-                let port = s.local_addr().ok()?.as_socket()?.port();
-                Some((s, port))
-            })
-            .collect();
-        {
-            let mut ports = markers.ports.lock().unwrap_or_else(|e| e.into_inner());
-            ports.extend(sockets.iter().map(|(_, p)| (*p, None)));
-            markers.armed.store(true, Ordering::SeqCst);
-        }
+        let sockets: Vec<(Socket, u16)> = (0..workers * 3).filter_map(|_| self.marker_socket()).collect();
+        markers.expect(sockets.iter().map(|(_, p)| *p));
         let ports: Vec<u16> = sockets.iter().map(|(_, p)| *p).collect();
         self.socket.attach_filter(&syn_filter(&ports))?;
         let mut open: Vec<TcpStream> = Vec::new();
@@ -324,14 +329,10 @@ impl PublicListener {
     /// full queue never completes; a handshake whose ACK was dropped leaves no socket on our
     /// side). Registered as a marker, should actix accept it.
     async fn plug(&self, markers: &Markers) -> Option<(TcpStream, u16)> {
-        let target = self.marker_target();
-        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).ok()?;
-        socket.bind(&SocketAddr::new(target.ip(), 0).into()).ok()?;
-        let port = socket.local_addr().ok()?.as_socket()?.port();
-        markers.ports.lock().unwrap_or_else(|e| e.into_inner()).insert(port, None);
-        markers.armed.store(true, Ordering::SeqCst);
+        let (socket, port) = self.marker_socket()?;
+        markers.expect([port]);
         socket.set_nonblocking(true).ok()?;
-        match socket.connect(&target.into()) {
+        match socket.connect(&self.marker_target().into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(_) => return None,
